@@ -1,0 +1,66 @@
+"""Data configuration (the ``data:`` section of a recipe)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from vidssl.config import ConfigError
+
+
+@dataclass
+class DataConfig:
+    """Where clips come from and how they are cut and augmented.
+
+    ``source`` picks the dataset: ``synthetic`` (built-in demo videos, generated into ``root`` or a cache folder),
+    ``frames`` (folders of JPEG/PNG frames: DAVIS, YouTube-VOS, Kinetics-as-frames) or ``video`` (encoded videos).
+    """
+
+    source: Literal["synthetic", "frames", "video"] = "synthetic"
+    root: str = ""  #: dataset root (frames: folder of per-video frame folders or a DAVIS root; video: folder of files)
+    manifest: str = ""  #: optional manifest (JSONL) listing the videos; built and cached when empty
+    split: str = ""  #: DAVIS-style split name (reads ImageSets/<year>/<split>.txt) or empty for every video
+    sequences: list[str] = field(default_factory=list)  #: explicit subset of video names (empty = all)
+    clip_len: int = 4  #: frames per clip (T)
+    stride: int = 1  #: frame step inside a clip
+    sampler: Literal["random", "uniform", "consecutive"] = "random"
+    clips_per_video: int = 1  #: clips drawn from each video per epoch
+    crop_size: int = 256  #: output side of the (square) random resized crop
+    crop_scale: tuple[float, float] = (0.8, 0.95)
+    crop_ratio: tuple[float, float] = (0.7, 1.3)
+    per_frame_crop: bool = True  #: draw the crop independently per frame (CRW) instead of once per clip
+    flip: float = 0.0  #: probability of a clip-consistent horizontal flip
+    color_jitter: float = 0.0  #: brightness/contrast/saturation strength, clip-consistent
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    decoder: Literal["auto", "torchcodec", "pyav", "decord"] = "auto"  #: backend for encoded video
+    decode_threads: int = 1  #: decoder threads per worker
+    device: Literal["cpu", "cuda"] = "cpu"  #: where decoding and augmentation run (cuda: main process, batched)
+    num_workers: int = 0
+    max_retries: int = 3  #: decode attempts on a failing file before it is skipped and counted
+    # synthetic source
+    synth_videos: int = 16
+    synth_frames: int = 16
+    synth_size: tuple[int, int] = (128, 128)  #: (H, W) of generated frames
+    synth_seed: int = 0
+
+    def validate(self, prefix: str = "data") -> None:
+        p = f"{prefix}." if prefix else ""
+        if self.clip_len < 1:
+            raise ConfigError(f"{p}clip_len: must be >= 1, got {self.clip_len}")
+        if self.stride < 1:
+            raise ConfigError(f"{p}stride: must be >= 1, got {self.stride}")
+        if self.clips_per_video < 1:
+            raise ConfigError(f"{p}clips_per_video: must be >= 1, got {self.clips_per_video}")
+        if self.crop_size < 8:
+            raise ConfigError(f"{p}crop_size: must be >= 8, got {self.crop_size}")
+        if not (0 < self.crop_scale[0] <= self.crop_scale[1] <= 1):
+            raise ConfigError(f"{p}crop_scale: need 0 < lo <= hi <= 1, got {self.crop_scale}")
+        if not (0 < self.crop_ratio[0] <= self.crop_ratio[1]):
+            raise ConfigError(f"{p}crop_ratio: need 0 < lo <= hi, got {self.crop_ratio}")
+        if not 0 <= self.flip <= 1:
+            raise ConfigError(f"{p}flip: must be a probability in [0, 1], got {self.flip}")
+        if self.source in ("frames", "video") and not self.root and not self.manifest:
+            raise ConfigError(f"{p}root: required for source={self.source!r} (a dataset folder)")
+        if self.num_workers < 0:
+            raise ConfigError(f"{p}num_workers: must be >= 0")
