@@ -1,0 +1,127 @@
+"""Training engine: checkpoint round trip, resume continuity, crash safety, logging."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from vidssl.engine import model_from_checkpoint, resolve_run_config, train
+from vidssl.engine.checkpoint import checkpoint_dirs, latest_checkpoint, read_trainer_state, read_weights
+from vidssl.engine.trainer import lr_at
+from vidssl.engine.config import OptimConfig
+
+
+class TensorLoader:
+    """A deterministic in-memory loader with the engine's loader interface (set_epoch, len, iter, skipped)."""
+
+    def __init__(self, num_clips=8, batch_size=2, T=3, size=32, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.clips = torch.rand(num_clips, T, 3, size, size, generator=g)
+        self.batch_size, self.epoch, self.skipped = batch_size, 0, 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return len(self.clips) // self.batch_size
+
+    def __iter__(self):
+        order = torch.randperm(len(self.clips), generator=torch.Generator().manual_seed(100 + self.epoch))
+        for b in range(len(self)):
+            yield {"video": self.clips[order[b * self.batch_size:(b + 1) * self.batch_size]]}
+
+
+TINY = ["model.out_layer=layer2", "model.eval_layer=layer2", "data.clip_len=3",
+        "objectives.0.patch_size=16", "objectives.0.patch_stride=8", "train.batch_size=2",
+        "optim.lr=1e-3", "train.log_every=1", "data.source=synthetic"]
+
+
+def tiny_cfg(*extra):
+    return resolve_run_config(None, TINY + list(extra))
+
+
+def params(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_lr_schedules():
+    c = OptimConfig(lr=1.0, schedule="cosine", warmup_steps=2, min_lr_ratio=0.1)
+    assert lr_at(0, c, 10) == 0.5 and lr_at(1, c, 10) == 1.0
+    assert lr_at(10, c, 10) == pytest.approx(0.1)
+    m = OptimConfig(lr=1.0, schedule="multistep", milestones=[3, 5], gamma=0.5)
+    assert [lr_at(s, m, 10) for s in (2, 3, 5)] == [1.0, 0.5, 0.25]
+
+
+def test_checkpoint_round_trip_rebuilds_from_file_alone(tmp_path):
+    cfg = tiny_cfg("train.steps=2")
+    summary = train(cfg, tmp_path / "run", loader=TensorLoader(), progress=False, echo=False)
+    ckpt = Path(summary["checkpoint"])
+    assert (ckpt / "model.safetensors").is_file() and (ckpt / "trainer.pt").is_file()
+    model, cfg2, step = model_from_checkpoint(ckpt / "model.safetensors")
+    assert step == 2 and cfg2.model.out_layer == "layer2"
+    weights, config, _ = read_weights(tmp_path / "run")
+    assert all(k.startswith(("encoder.", "objectives.crw.head")) for k in weights)  # shared encoder stored once
+    sd = model.state_dict()
+    for k, v in weights.items():
+        torch.testing.assert_close(sd[k], v)
+    state = read_trainer_state(ckpt)  # loads with weights_only=True: no pickled objects
+    assert state["step"] == 2
+    assert json.loads((tmp_path / "run" / "config.json").read_text()) == config
+
+
+def test_resume_reaches_the_same_parameters(tmp_path):
+    full = train(tiny_cfg("train.steps=6", "train.ckpt_every=100"), tmp_path / "a", loader=TensorLoader(),
+                 progress=False, echo=False)
+    # stopped at step 3 (a run of 3 steps), then resumed automatically in the same folder to 6
+    train(tiny_cfg("train.steps=3"), tmp_path / "b", loader=TensorLoader(), progress=False, echo=False)
+    resumed = train(tiny_cfg("train.steps=6", "train.ckpt_every=100"), tmp_path / "b", loader=TensorLoader(),
+                    progress=False, echo=False)
+    a, _, _ = read_weights(full["checkpoint"])
+    b, _, _ = read_weights(resumed["checkpoint"])
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_crash_while_writing_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    train(tiny_cfg("train.steps=2"), run, loader=TensorLoader(), progress=False, echo=False)
+    good = latest_checkpoint(run)
+    before, _, _ = read_weights(good)
+
+    import vidssl.engine.checkpoint as ck
+
+    def exploding_save(obj, path, *a, **k):
+        Path(path).write_bytes(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ck.torch, "save", exploding_save)
+    with pytest.raises(OSError, match="disk full"):
+        train(tiny_cfg("train.steps=4"), run, loader=TensorLoader(), progress=False, echo=False)
+    monkeypatch.undo()
+    assert latest_checkpoint(run) == good
+    after, _, _ = read_weights(run)
+    for k in before:
+        torch.testing.assert_close(before[k], after[k])
+    assert not [d for d in (run / "checkpoints").iterdir() if d.name.startswith(".tmp-")]
+    assert read_trainer_state(run)["step"] == 2
+
+
+def test_keeps_only_the_newest_checkpoints(tmp_path):
+    train(tiny_cfg("train.steps=4", "train.ckpt_every=1", "train.keep_checkpoints=2"), tmp_path / "r",
+          loader=TensorLoader(), progress=False, echo=False)
+    assert [d.name for d in checkpoint_dirs(tmp_path / "r")] == ["step_00000003", "step_00000004"]
+
+
+def test_log_has_timings_and_throughput(tmp_path):
+    train(tiny_cfg("train.steps=2"), tmp_path / "r", loader=TensorLoader(), progress=False, echo=False)
+    rec = json.loads((tmp_path / "r" / "log.jsonl").read_text().splitlines()[-1])
+    for key in ("loss", "lr", "data_time", "step_time", "clips_per_s", "skipped", "crw/xent_2"):
+        assert key in rec
+
+
+def test_clip_too_short_for_objective(tmp_path):
+    with pytest.raises(ValueError, match="clip_len=2 is too short"):
+        train(tiny_cfg("data.clip_len=2"), tmp_path / "r", loader=TensorLoader(T=2), progress=False, echo=False)
