@@ -1,0 +1,281 @@
+"""build_loader / ClipLoader (vidssl.data.loader): determinism, clip counts, distributed split, bad inputs."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import vidssl.data.loader as L
+from vidssl.config import ConfigError
+from vidssl.data import DataConfig, build_loader
+from vidssl.data.manifest import ManifestError
+
+
+def write_frames(folder: Path, n: int, *, seed: int, size=(20, 28)) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for k in range(n):
+        Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(folder / f"{k:05d}.jpg")
+    return folder
+
+
+@pytest.fixture
+def root(tmp_path) -> Path:
+    r = tmp_path / "frames"
+    for v, n in enumerate((6, 9, 5, 12, 7, 8)):
+        write_frames(r / f"vid{v}", n, seed=v)
+    return r
+
+
+def cfg_for(root: Path, **kw) -> DataConfig:
+    base = dict(source="frames", root=str(root), clip_len=3, stride=2, crop_size=16, flip=0.5, color_jitter=0.3)
+    return DataConfig(**{**base, **kw})
+
+
+def epoch(loader, e: int) -> list[dict]:
+    loader.set_epoch(e)
+    return list(loader)
+
+
+# ----------------------------------------------------------------------------------------------- basics
+
+def test_batches_shapes_and_counts(root, tmp_path):
+    loader = build_loader(cfg_for(root, clips_per_video=2), batch_size=4, seed=0, cache_dir=tmp_path / "cache")
+    assert len(loader.dataset) == 12 and len(loader) == 3
+    batches = epoch(loader, 0)
+    assert len(batches) == 3
+    b = batches[0]
+    assert b["video"].shape == (4, 3, 3, 16, 16) and b["video"].dtype == torch.float32
+    assert b["frames"].shape == (4, 3) and b["index"].shape == (4,) and b["skipped"].tolist() == [0] * 4
+    seen = torch.cat([x["index"] for x in batches]).tolist()
+    assert sorted(seen) == list(range(12))  # every clip exactly once per epoch
+
+
+def test_exact_clip_count_with_drop_last(root, tmp_path):
+    loader = build_loader(cfg_for(root, clips_per_video=3), batch_size=5, seed=1, cache_dir=tmp_path / "c")
+    assert len(loader) == 18 // 5
+    idx = torch.cat([b["index"] for b in epoch(loader, 0)]).tolist()
+    assert len(idx) == 15 and len(set(idx)) == 15
+    keep = build_loader(cfg_for(root, clips_per_video=3), batch_size=5, seed=1, cache_dir=tmp_path / "c",
+                        drop_last=False)
+    assert len(keep) == 4 and sum(len(b["index"]) for b in epoch(keep, 0)) == 18
+
+
+def test_same_seed_same_batches_regardless_of_workers(root, tmp_path):
+    cache = tmp_path / "cache"
+    l0 = build_loader(cfg_for(root, num_workers=0), batch_size=3, seed=7, cache_dir=cache)
+    l2 = build_loader(cfg_for(root, num_workers=2), batch_size=3, seed=7, cache_dir=cache)
+    for e in (0, 1):
+        a, b = epoch(l0, e), epoch(l2, e)
+        assert len(a) == len(b) == 2
+        for x, y in zip(a, b):
+            assert torch.equal(x["index"], y["index"]) and torch.equal(x["frames"], y["frames"])
+            assert torch.equal(x["video"], y["video"])
+    again = epoch(l0, 1)
+    assert all(torch.equal(x["video"], y["video"]) for x, y in zip(again, epoch(l2, 1)))
+    other_seed = epoch(build_loader(cfg_for(root), batch_size=3, seed=8, cache_dir=cache), 1)
+    assert not all(torch.equal(x["video"], y["video"]) for x, y in zip(again, other_seed))
+
+
+def test_epochs_differ_and_resume_is_exact(root, tmp_path):
+    cache = tmp_path / "cache"
+    loader = build_loader(cfg_for(root), batch_size=2, seed=3, cache_dir=cache)
+    e0, e1 = epoch(loader, 0), epoch(loader, 1)
+    assert [b["index"].tolist() for b in e0] != [b["index"].tolist() for b in e1]
+    fresh = build_loader(cfg_for(root), batch_size=2, seed=3, cache_dir=cache)  # a resumed run jumps to epoch 1
+    assert all(torch.equal(x["video"], y["video"]) for x, y in zip(e1, epoch(fresh, 1)))
+
+
+def test_two_ranks_split_disjoint(root, tmp_path):
+    cache = tmp_path / "cache"
+    cfg = cfg_for(root, clips_per_video=2)  # 12 clips
+    ranks = [build_loader(cfg, batch_size=2, seed=5, rank=r, world_size=2, cache_dir=cache) for r in (0, 1)]
+    assert [len(x) for x in ranks] == [3, 3]
+    for e in (0, 1):
+        parts = [torch.cat([b["index"] for b in epoch(x, e)]).tolist() for x in ranks]
+        assert len(parts[0]) == len(parts[1]) == 6
+        assert not set(parts[0]) & set(parts[1])
+        assert sorted(parts[0] + parts[1]) == list(range(12))
+    odd = build_loader(cfg_for(root, clips_per_video=1), batch_size=1, seed=5, rank=1, world_size=4,
+                       cache_dir=cache)
+    assert len(odd) == 6 // 4  # DistributedSampler drop_last: equal shares, no duplicated clips
+
+
+def test_manifest_built_once_and_reused(root, tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    build_loader(cfg_for(root), batch_size=2, seed=0, cache_dir=cache)
+    cached = list((cache / "manifests").glob("*.jsonl"))
+    assert len(cached) == 1
+
+    def no_rescan(*a, **k):
+        raise AssertionError("rescanned although a manifest exists")
+
+    monkeypatch.setattr(L, "build_manifest", no_rescan)
+    assert len(build_loader(cfg_for(root), batch_size=2, seed=0, cache_dir=cache).dataset) == 6
+    monkeypatch.undo()
+    explicit = tmp_path / "my" / "index.jsonl"
+    loader = build_loader(cfg_for(root, manifest=str(explicit)), batch_size=2, seed=0, cache_dir=cache)
+    assert explicit.is_file() and len(loader.dataset) == 6
+
+
+def test_sequences_and_split_select_videos(root, tmp_path):
+    cfg = cfg_for(root, sequences=["vid3", "vid1"])
+    loader = build_loader(cfg, batch_size=1, seed=0, cache_dir=tmp_path / "c")
+    assert [e.name for e in loader.dataset.entries] == ["vid3", "vid1"]
+    (root / "ImageSets" / "2017").mkdir(parents=True)
+    (root / "ImageSets" / "2017" / "train.txt").write_text("vid0\nvid5\n")
+    loader = build_loader(cfg_for(root, split="train"), batch_size=1, seed=0, cache_dir=tmp_path / "c2")
+    assert [e.name for e in loader.dataset.entries] == ["vid0", "vid5"]
+
+
+# ----------------------------------------------------------------------------------------------- bad input
+
+def test_missing_root_names_it(tmp_path):
+    with pytest.raises(FileNotFoundError, match="data.root: .*nowhere"):
+        build_loader(cfg_for(tmp_path / "nowhere"), batch_size=1, seed=0, cache_dir=tmp_path / "c")
+
+
+def test_empty_root_names_it(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ManifestError, match="empty: no frame folders or video files"):
+        build_loader(cfg_for(tmp_path / "empty"), batch_size=1, seed=0, cache_dir=tmp_path / "c")
+
+
+def test_unknown_sequence_and_big_batch(root, tmp_path):
+    with pytest.raises(ManifestError, match="not indexed: zebra"):
+        build_loader(cfg_for(root, sequences=["zebra"]), batch_size=1, seed=0, cache_dir=tmp_path / "c")
+    with pytest.raises(ValueError, match="batch_size=7 is larger than the 6 clips"):
+        build_loader(cfg_for(root), batch_size=7, seed=0, cache_dir=tmp_path / "c")
+
+
+def test_missing_manifest_entry_names_file(root, tmp_path):
+    import shutil
+
+    cache = tmp_path / "c"
+    build_loader(cfg_for(root), batch_size=1, seed=0, cache_dir=cache)
+    shutil.rmtree(root / "vid2")
+    with pytest.raises(FileNotFoundError, match="video 'vid2' not found"):
+        build_loader(cfg_for(root), batch_size=1, seed=0, cache_dir=cache)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA error")
+def test_cuda_device_without_cuda_is_a_config_error(root, tmp_path):
+    with pytest.raises(ConfigError, match="data.device"):
+        build_loader(cfg_for(root, device="cuda"), batch_size=1, seed=0, cache_dir=tmp_path / "c")
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_epoch_continues_past_bad_files_and_counts_skips(root, tmp_path, workers, caplog):
+    cache = tmp_path / "c"
+    loader = build_loader(cfg_for(root, num_workers=workers, max_retries=2, clip_len=3, sampler="uniform",
+                                  clips_per_video=2), batch_size=2, seed=0, cache_dir=cache, drop_last=False)
+    # break every middle frame of vid1 after indexing (the index only reads the first and last headers)
+    for k in range(1, 8):
+        (root / "vid1" / f"{k:05d}.jpg").write_bytes(b"corrupt")
+    with caplog.at_level(logging.WARNING):
+        batches = epoch(loader, 0)
+    assert sum(len(b["index"]) for b in batches) == 12  # the epoch is complete
+    skipped = sum(int(b["skipped"].sum()) for b in batches)
+    assert skipped == 2 and loader.skipped == 2 and loader.epoch_skipped == 2  # vid1's two clips
+    assert all(v != 1 for b in batches for v in b["video_index"].tolist())
+    assert "epoch 0: 2 unreadable video(s) skipped" in caplog.text
+
+
+# ----------------------------------------------------------------------------------------------- synthetic
+
+def test_synthetic_source_uses_train_split(tmp_path):
+    cfg = DataConfig(source="synthetic", synth_videos=4, synth_frames=6, synth_size=(32, 40), clip_len=2,
+                     crop_size=16)
+    loader = build_loader(cfg, batch_size=2, seed=0, cache_dir=tmp_path / "cache")
+    names = [e.name for e in loader.dataset.entries]
+    assert names == [f"synth-train-{i:04d}" for i in range(4)]
+    root = L.synthetic_root(cfg, cache_dir=tmp_path / "cache")
+    assert root.parent == tmp_path / "cache" and root.name.startswith("synth-")
+    assert all(Path(e.path).parent == root / "JPEGImages" / "480p" for e in loader.dataset.entries)
+    b = next(iter(loader))
+    assert b["video"].shape == (2, 2, 3, 16, 16)
+    other = L.synthetic_root(DataConfig(synth_videos=4, synth_frames=6, synth_size=(32, 40), synth_seed=1),
+                             cache_dir=tmp_path / "cache")
+    assert other != root
+
+
+# ----------------------------------------------------------------------------------------------- GPU path
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_path_matches_cpu_path(tmp_path):
+    # smooth frames: on pixel noise the two resamplers (and nvjpeg vs libjpeg) legitimately disagree
+    root = tmp_path / "smooth"
+    rng = np.random.default_rng(0)
+    for v in range(4):
+        (root / f"v{v}").mkdir(parents=True)
+        for k in range(6):
+            low = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8))
+            low.resize((96, 72), Image.BILINEAR).save(root / f"v{v}" / f"{k:05d}.jpg", quality=95)
+    cache = tmp_path / "c"
+    cpu = build_loader(cfg_for(root, crop_size=32), batch_size=2, seed=2, cache_dir=cache)
+    gpu = build_loader(cfg_for(root, crop_size=32, device="cuda", num_workers=2), batch_size=2, seed=2,
+                       cache_dir=cache, device="cuda")
+    assert len(cpu) == len(gpu) == 2
+    for x, y in zip(epoch(cpu, 1), epoch(gpu, 1)):
+        assert y["video"].device.type == "cuda" and y["video"].shape == x["video"].shape
+        assert torch.equal(x["index"], y["index"]) and torch.equal(x["frames"], y["frames"])
+        diff = (y["video"].cpu() - x["video"]).abs() * 0.229 * 255  # ~pixel levels
+        assert diff.mean() < 3.0  # interpolation (and nvjpeg vs libjpeg decoding) only; unrelated crops: > 30
+
+
+# ----------------------------------------------------------------------------------------------- encoded video
+
+def write_mp4(path: Path, n: int, *, seed: int, size=(24, 32)) -> Path:
+    av = pytest.importorskip("av")
+    rng = np.random.default_rng(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("mpeg4", rate=10)
+        stream.width, stream.height, stream.pix_fmt = size[1], size[0], "yuv420p"
+        for k in range(n):
+            frame = av.VideoFrame.from_ndarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8), format="rgb24")
+            frame.pts = k
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return path
+
+
+def test_video_source_through_manifest(tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("vidssl.io.video") is None:
+        pytest.skip("vidssl.io.video not written yet")
+    vids = tmp_path / "videos"
+    for v, n in enumerate((8, 11, 6)):
+        write_mp4(vids / f"v{v}.mp4", n, seed=v)
+    (vids / "broken.mp4").write_bytes(b"\x00 not a video")
+    cfg = DataConfig(source="video", root=str(vids), clip_len=3, stride=2, crop_size=16, decoder="pyav")
+    loader = build_loader(cfg, batch_size=3, seed=0, cache_dir=tmp_path / "c")
+    assert [e.name for e in loader.dataset.entries] == ["v0", "v1", "v2"]  # broken.mp4 listed as a failure
+    (b,) = epoch(loader, 0)
+    assert b["video"].shape == (3, 3, 3, 16, 16) and torch.isfinite(b["video"]).all()
+    frames_cfg = DataConfig(source="frames", root=str(vids), clip_len=3, crop_size=16)
+    with pytest.raises(ManifestError, match="no frame folders indexed"):
+        build_loader(frames_cfg, batch_size=1, seed=0, cache_dir=tmp_path / "c")
+
+
+@pytest.mark.realdata
+def test_real_davis_sample_split(tmp_path):
+    import os
+
+    env = os.environ.get("VIDSSL_DAVIS_ROOT")
+    root = Path(env) if env else Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "davis2016-sample"
+    if not (root / "JPEGImages" / "480p").is_dir():
+        pytest.skip("DAVIS sample not available")
+    cfg = DataConfig(source="frames", root=str(root), split="sample", clip_len=2, stride=4, crop_size=32)
+    loader = build_loader(cfg, batch_size=4, seed=0, cache_dir=tmp_path / "c")
+    assert len(loader.dataset) == 12 and len(loader) == 3
+    b = next(iter(loader))
+    assert b["video"].shape == (4, 2, 3, 32, 32) and (b["frames"][:, 1] - b["frames"][:, 0] == 4).all()

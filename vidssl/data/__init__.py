@@ -1,0 +1,50 @@
+"""Data layer: clip samplers, video index (manifest), clip datasets, clip-consistent transforms and loaders.
+
+Imports point down only (``vidssl.io`` below); nothing here has import-time side effects.
+"""
+
+from vidssl.data import samplers
+from vidssl.data.config import DataConfig
+from vidssl.data.datasets import ClipDataset
+from vidssl.data.loader import ClipLoader, build_loader, resolve_entries, synthetic_root
+from vidssl.data.manifest import VideoEntry, build_manifest, load_manifest, scan_root
+from vidssl.data.samplers import (
+    ClipSpec,
+    clip_at,
+    clip_span,
+    consecutive_clips,
+    effective_stride,
+    num_clip_starts,
+    random_clip,
+    random_pair,
+    shot_frames,
+    uniform_clips,
+)
+from vidssl.data.transforms import BatchClipAugment, ClipParams, ClipTransform
+
+__all__ = [
+    "BatchClipAugment",
+    "ClipDataset",
+    "ClipLoader",
+    "ClipParams",
+    "ClipSpec",
+    "ClipTransform",
+    "DataConfig",
+    "VideoEntry",
+    "build_loader",
+    "build_manifest",
+    "clip_at",
+    "clip_span",
+    "consecutive_clips",
+    "effective_stride",
+    "load_manifest",
+    "num_clip_starts",
+    "random_clip",
+    "random_pair",
+    "resolve_entries",
+    "samplers",
+    "scan_root",
+    "shot_frames",
+    "synthetic_root",
+    "uniform_clips",
+]

@@ -1,0 +1,203 @@
+"""Map-style clip datasets over frame folders and encoded videos (one index, shared samplers, bounded retries).
+
+:class:`ClipDataset` has ``len(entries) * clips_per_video`` items; item ``i`` is clip ``i % clips_per_video`` of
+video ``i // clips_per_video``. Every item draws its randomness from its own generator seeded from
+``(seed, epoch, i)``, so a batch does not depend on the number of DataLoader workers or on which worker reads it.
+Frame indices come first (:mod:`vidssl.data.samplers`), then only those frames are decoded
+(:func:`vidssl.io.readers.open_reader`, one reader per item, never shared between workers).
+
+A video that fails to open or decode is retried ``max_retries`` times (same indices each time), then skipped: the
+item is read from the next video in the index instead (deterministically), a warning names the file and the reason,
+and the item reports ``"skipped": n`` so the training log can count skips across worker processes. Videos that
+failed once are remembered by the dataset copy and skipped at once afterwards (still counted).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch.utils.data import Dataset
+
+from vidssl.data import samplers
+from vidssl.data.manifest import VideoEntry
+from vidssl.data.transforms import ClipTransform
+from vidssl.io.base import DecodeError
+
+_log = logging.getLogger(__name__)
+
+#: Sampler names understood by :class:`ClipDataset`.
+SAMPLERS: tuple[str, ...] = ("random", "uniform", "consecutive", "pair", "shots")
+
+
+def item_seed(seed: int, epoch: int, index: int) -> int:
+    """A 63-bit seed for item ``index`` of ``epoch`` (a hash, so nearby triples give unrelated streams)."""
+    digest = hashlib.blake2b(f"{seed}/{epoch}/{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def item_generator(seed: int, epoch: int, index: int) -> torch.Generator:
+    """A CPU ``torch.Generator`` seeded with :func:`item_seed`."""
+    return torch.Generator().manual_seed(item_seed(seed, epoch, index))
+
+
+@dataclass
+class LoadedClip:
+    """Decoded frames of one item before augmentation.
+
+    Attributes:
+        frames: ``uint8 (T, 3, H, W)`` on the reader's device.
+        indices: the frame indices decoded (``T`` of them).
+        generator: the item's generator, positioned after drawing ``indices`` (draw augmentation from it).
+        video: index of the video read (differs from ``item // clips_per_video`` after a skip).
+        skipped: videos skipped to produce this item.
+    """
+
+    frames: torch.Tensor
+    indices: list[int]
+    generator: torch.Generator
+    video: int
+    skipped: int
+
+
+class ClipDataset(Dataset):
+    """Clips of ``clip_len`` frames, ``stride`` apart, from a list of :class:`VideoEntry`.
+
+    Args:
+        entries: the videos (from :func:`vidssl.data.manifest.load_manifest` or built by hand).
+        clip_len: frames per clip ``T`` (``"shots"``: frames per shot; ``"pair"``: must be 2).
+        stride: frame step inside a clip (shrunk for short videos, see :mod:`vidssl.data.samplers`);
+            ``"pair"``: the largest gap between the two frames.
+        sampler: ``"random"`` (uniform random start), ``"uniform"`` (``clips_per_video`` evenly spread clips,
+            deterministic), ``"consecutive"`` (non-overlapping clips from frame 0; item ``j`` takes clip ``j`` modulo
+            their number), ``"pair"`` (two frames 1..``stride`` apart) or ``"shots"`` (``num_shots`` consecutive
+            shots of the entry's ``shots``, ``clip_len`` sorted frames each; a video without shots is one shot).
+        clips_per_video: items per video and epoch.
+        transform: a :class:`ClipTransform`, or ``None`` to return the decoded ``uint8 (T, 3, H, W)`` frames.
+        seed: base seed of the per-item generators.
+        backend: video decoder for encoded files (``"auto"``, ``"torchcodec"``, ``"pyav"``, ``"decord"``).
+        decode_threads: decoder threads per reader.
+        max_retries: decode attempts per video before it is skipped.
+        return_uint8: with a transform, stop after the geometric part (crop, resize, flip) and return ``uint8 (T, 3,
+            S, S)``; jitter and normalisation are then the caller's (e.g. on the GPU).
+        device: where readers decode (``"cuda"``: nvjpeg / NVDEC; only in the main process).
+        num_shots: shots per item for ``sampler="shots"``.
+
+    Items: ``{"video": (T', 3, S, S) float32 (or uint8), "index": int, "frames": int64 (T',), "skipped": int,
+    "video_index": int}`` with ``T' = clip_len`` (``num_shots * clip_len`` for ``"shots"``).
+    """
+
+    def __init__(self, entries: Sequence[VideoEntry], *, clip_len: int, stride: int = 1, sampler: str = "random",
+                 clips_per_video: int = 1, transform: ClipTransform | None = None, seed: int = 0,
+                 backend: str = "auto", decode_threads: int = 1, max_retries: int = 3, return_uint8: bool = False,
+                 device: str | torch.device = "cpu", num_shots: int = 1) -> None:
+        if not entries:
+            raise ValueError("entries: no videos to read (empty index)")
+        if sampler not in SAMPLERS:
+            raise ValueError(f"sampler: expected one of {', '.join(SAMPLERS)}, got {sampler!r}")
+        if clip_len < 1 or stride < 1 or clips_per_video < 1 or num_shots < 1:
+            raise ValueError(f"clip_len, stride, clips_per_video, num_shots must be >= 1, got "
+                             f"{clip_len}, {stride}, {clips_per_video}, {num_shots}")
+        if sampler == "pair" and clip_len != 2:
+            raise ValueError(f"clip_len: sampler 'pair' returns 2 frames, got clip_len={clip_len}")
+        if max_retries < 1:
+            raise ValueError(f"max_retries: must be >= 1, got {max_retries}")
+        self.entries = list(entries)
+        self.clip_len = clip_len
+        self.stride = stride
+        self.sampler = sampler
+        self.clips_per_video = clips_per_video
+        self.transform = transform
+        self.seed = seed
+        self.backend = backend
+        self.decode_threads = decode_threads
+        self.max_retries = max_retries
+        self.return_uint8 = return_uint8
+        self.device = torch.device(device)
+        self.num_shots = num_shots
+        self.epoch = 0
+        self.skipped = 0  #: videos skipped by this copy of the dataset (per process)
+        self._bad: set[int] = set()
+
+    def __len__(self) -> int:
+        return len(self.entries) * self.clips_per_video
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose randomness items use (call before creating the DataLoader iterator)."""
+        self.epoch = int(epoch)
+
+    def frame_indices(self, num_frames: int, clip: int, generator: torch.Generator) -> list[int]:
+        """Frame indices of clip number ``clip`` (``0 <= clip < clips_per_video``) of a ``num_frames`` video."""
+        if self.sampler == "random":
+            return samplers.random_clip(num_frames, self.clip_len, self.stride, generator)
+        if self.sampler == "uniform":
+            return samplers.uniform_clips(num_frames, self.clip_len, self.stride, self.clips_per_video)[clip]
+        if self.sampler == "consecutive":
+            clips = samplers.consecutive_clips(num_frames, self.clip_len, self.stride)
+            return clips[clip % len(clips)]
+        if self.sampler == "pair":
+            return samplers.random_pair(num_frames, self.stride, generator)
+        raise AssertionError(self.sampler)  # "shots" goes through _shot_indices
+
+    def _shot_indices(self, entry: VideoEntry, num_frames: int, generator: torch.Generator) -> list[int]:
+        shots = [(a, min(b, num_frames)) for a, b in (entry.shots or [(0, num_frames)]) if a < num_frames]
+        groups = samplers.shot_frames(shots or [(0, num_frames)], self.clip_len, self.num_shots, generator)
+        groups += [groups[-1]] * (self.num_shots - len(groups))  # fewer shots than asked: repeat the last
+        return [i for group in groups for i in group]
+
+    def load_clip(self, index: int) -> LoadedClip:
+        """Decode the frames of item ``index`` (retrying, then skipping unreadable videos)."""
+        from vidssl.io.readers import open_reader
+
+        if not 0 <= index < len(self):
+            raise IndexError(f"item {index} out of range ({len(self)} items)")
+        first, clip = divmod(index, self.clips_per_video)
+        skipped = 0
+        for hop in range(len(self.entries)):
+            v = (first + hop) % len(self.entries)
+            if v in self._bad:
+                skipped += 1
+                self.skipped += 1
+                continue
+            entry = self.entries[v]
+            error: BaseException | None = None
+            for _ in range(self.max_retries):
+                g = item_generator(self.seed, self.epoch, index)
+                try:
+                    reader = open_reader(entry.path, backend=self.backend, device=self.device,
+                                         threads=self.decode_threads)
+                except (DecodeError, OSError) as exc:
+                    error = exc
+                    continue
+                try:
+                    n = reader.num_frames
+                    if self.sampler == "shots":
+                        ids = self._shot_indices(entry, n, g)
+                    else:
+                        ids = self.frame_indices(n, clip, g)
+                    frames = reader.get_frames(ids)
+                except (DecodeError, OSError) as exc:
+                    error = exc
+                    continue
+                finally:
+                    reader.close()
+                return LoadedClip(frames=frames, indices=ids, generator=g, video=v, skipped=skipped)
+            self._bad.add(v)
+            skipped += 1
+            self.skipped += 1
+            _log.warning("skipping video %s after %d failed attempt(s): %s", entry.path, self.max_retries, error)
+        raise RuntimeError(f"no readable video among the {len(self.entries)} indexed (first: {self.entries[0].path})")
+
+    def __getitem__(self, index: int) -> dict:
+        clip = self.load_clip(index)
+        video = clip.frames  # (T, 3, H, W) uint8
+        if self.transform is not None:
+            t, _, h, w = video.shape
+            params = self.transform.sample_params(t, h, w, generator=clip.generator)
+            video = (self.transform.geometric(video, params) if self.return_uint8
+                     else self.transform.apply(video, params))
+        return {"video": video, "index": index, "frames": torch.tensor(clip.indices, dtype=torch.int64),
+                "skipped": clip.skipped, "video_index": clip.video}
