@@ -90,7 +90,7 @@ def _is_main_process() -> bool:
 # -------------------------------------------------------------------------------------------------- propagate
 def cmd_propagate(args: argparse.Namespace) -> int:
     from vidssl.config import apply_overrides, from_dict, to_dict
-    from vidssl.evaluation.features import build_extractor
+    from vidssl.evaluation.sources import build_extractor
     from vidssl.evaluation.presets import PropagationConfig, get_preset
     from vidssl.evaluation.runner import propagate_davis
 
@@ -106,8 +106,11 @@ def cmd_propagate(args: argparse.Namespace) -> int:
             raise UserError(f"--set {s}: propagation keys are written propagate.<key>=value")
         sets.append(s[len("propagate."):])
     prop_cfg = from_dict(PropagationConfig, apply_overrides(to_dict(preset), sets), prefix="propagate")
-    extractor, info = build_extractor(checkpoint=args.checkpoint, encoder=args.encoder, weights=args.weights,
-                                      seed=args.seed, preset=prop_cfg, device=args.device)
+    layer_set = any(s.split("=", 1)[0].strip() == "layer" for s in sets)
+    extractor, info, prop_cfg = build_extractor(checkpoint=args.checkpoint, encoder=args.encoder,
+                                                weights=args.weights, seed=args.seed, preset=prop_cfg,
+                                                device=args.device, layer=prop_cfg.layer if layer_set else None)
+    info["command"] = "vidssl " + " ".join(sys.argv[1:])
     out = Path(args.out)
     result = propagate_davis(davis_root=args.davis_root, out_dir=out, extractor=extractor, preset=prop_cfg,
                              year=args.year, split=args.split,
@@ -236,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--preset", default="crw", help="propagation protocol: crw, dino or mast")
     sp.add_argument("--set", action="append", default=[], metavar="propagate.KEY=VALUE",
                     help="override a propagation hyperparameter, e.g. --set propagate.topk=5")
-    sp.add_argument("--device", default="cpu", help="cpu or cuda")
+    sp.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: the preset's, cpu)")
     sp.add_argument("--no-eval", action="store_true", help="write the PNGs only, do not score")
     sp.add_argument("--viz", action="store_true", help="write overlays and one mp4 per sequence under OUT/viz")
     sp.add_argument("--force", action="store_true", help="replace an existing results folder")

@@ -1,0 +1,107 @@
+"""The command line end to end on tiny settings (in-process calls of vidssl.cli.main)."""
+
+import json
+
+import numpy as np
+import pytest
+
+from vidssl.cli import main
+
+TINY = ["data.synth_videos=4", "data.synth_frames=6", "data.synth_size=[64, 64]", "data.crop_size=32",
+        "data.clips_per_video=1", "data.clip_len=3", "model.out_layer=layer2", "model.eval_layer=layer2",
+        "objectives.0.patch_size=16", "objectives.0.patch_stride=8", "train.batch_size=2", "train.steps=2",
+        "train.log_every=1"]
+
+
+def sets(items):
+    out = []
+    for s in items:
+        out += ["--set", s]
+    return out
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("VIDSSL_CACHE", str(tmp_path / "cache"))
+
+
+def test_pretrain_end_to_end_with_demo_evaluation(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["pretrain", "--out", str(out), "--no-progress"] + sets(TINY)) == 0
+    text = capsys.readouterr().out
+    assert "trained 2 steps" in text and "final loss" in text
+    for label in ("trained", "identity", "random"):
+        assert label in text
+    config = json.loads((out / "config.json").read_text())
+    assert config["train"]["steps"] == 2
+    metrics = json.loads((out / "eval" / "trained" / "metrics.json").read_text())
+    assert 0.0 <= metrics["global"]["J&F-Mean"] <= 1.0
+    # the checkpoint alone rebuilds the model for propagate
+    root = next((tmp_path / "cache").glob("synth-*"))
+    assert main(["propagate", "--checkpoint", str(out), "--davis-root", str(root), "--out", str(tmp_path / "p"),
+                 "--no-progress"]) == 0
+    m = json.loads((tmp_path / "p" / "metrics.json").read_text())
+    assert m["extra_info"]["source"] == "checkpoint" and m["hyperparameters"]["layer"] == "layer2"
+    # an existing results folder is never overwritten silently
+    assert main(["propagate", "--encoder", "identity", "--davis-root", str(root), "--out", str(tmp_path / "p"),
+                 "--no-progress"]) == 2
+    assert "--force" in capsys.readouterr().err
+    # rerunning pretrain in the same folder resumes (nothing left to do) instead of starting over
+    assert main(["pretrain", "--out", str(out), "--no-progress"] + sets(TINY + ["eval.enabled=false"])) == 0
+    assert "trained 2 steps" in capsys.readouterr().out
+
+
+def test_pretrain_bad_config_is_one_line(tmp_path, capsys):
+    assert main(["pretrain", "--out", str(tmp_path / "r"), "--set", "objectives.0.name=simclr"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "objectives.0.name: unknown objective 'simclr'" in err[0]
+    assert not (tmp_path / "r").exists()
+    assert main(["pretrain", "--config", str(tmp_path / "nope.yaml")]) == 2
+    assert "nope.yaml: config not found" in capsys.readouterr().err
+
+
+def test_pretrain_missing_data_folder(tmp_path, capsys):
+    code = main(["pretrain", "--out", str(tmp_path / "r"), "--set", "data.source=frames",
+                 "--set", f"data.root={tmp_path / 'missing'}"])
+    assert code == 2
+    assert str(tmp_path / "missing") in capsys.readouterr().err
+
+
+def test_print_config_and_help(capsys):
+    assert main(["pretrain", "--print-config", "--set", "optim.lr=0.5"]) == 0
+    assert json.loads(capsys.readouterr().out)["optim"]["lr"] == 0.5
+    with pytest.raises(SystemExit):
+        main(["pretrain", "--help"])
+    text = capsys.readouterr().out
+    assert "optim.lr" in text and "temperature" in text and "--resume" in text
+
+
+def test_data_synth_and_evaluate_and_identity_propagation(tmp_path, capsys):
+    root = tmp_path / "synth"
+    assert main(["data", "synth", "--out", str(root), "--videos", "2", "--val-videos", "2", "--frames", "5",
+                 "--size", "48", "64"]) == 0
+    assert (root / "ImageSets" / "2017" / "val.txt").read_text().split() == ["synth-val-0000", "synth-val-0001"]
+    # ground truth scored against itself is perfect
+    assert main(["evaluate", "--davis-root", str(root), "--results", str(root / "Annotations" / "480p")]) == 0
+    out = capsys.readouterr().out
+    assert "J&F-Mean" in out
+    rows = (root / "Annotations" / "480p" / "global_results-val.csv").read_text().splitlines()
+    assert rows[0] == "J&F-Mean,J-Mean,J-Recall,J-Decay,F-Mean,F-Recall,F-Decay"
+    assert rows[1].startswith("1.000,1.000,1.000")
+    assert main(["propagate", "--encoder", "identity", "--davis-root", str(root), "--out", str(tmp_path / "id"),
+                 "--no-progress"]) == 0
+    from vidssl.io import read_label_png
+    ids, palette = read_label_png(tmp_path / "id" / "synth-val-0000" / "00004.png")
+    first, _ = read_label_png(root / "Annotations" / "480p" / "synth-val-0000" / "00000.png")
+    assert palette is not None and np.array_equal(ids, first)
+
+
+def test_propagate_needs_a_source(tmp_path, capsys):
+    assert main(["propagate", "--davis-root", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    assert "feature source" in capsys.readouterr().err
+
+
+def test_info(capsys):
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "torch" in out and "cuda" in out

@@ -1,0 +1,156 @@
+"""Feature extractors: Lab conversion against closed-form values, shapes/stride, exact sizes, seeds, weights files."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torchvision
+
+from vidssl.evaluation.features import (
+    EncoderFeatures,
+    FeatureExtractor,
+    LabFeatures,
+    build_encoder_features,
+    infer_resnet_arch,
+    resize_frames,
+    resized_size,
+    rgb_to_lab,
+)
+from vidssl.evaluation.presets import get_preset
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _pixel(r: float, g: float, b: float) -> torch.Tensor:
+    return torch.tensor([r, g, b]).reshape(3, 1, 1)
+
+
+def _srgb_linear(v: float) -> float:
+    return v / 12.92 if v <= 0.04045 else ((v + 0.055) / 1.055) ** 2.4
+
+
+def test_lab_white_black_and_greys_closed_form():
+    white = rgb_to_lab(_pixel(1, 1, 1)).flatten()
+    torch.testing.assert_close(white, torch.tensor([100.0, 0.0, 0.0]), atol=1e-2, rtol=0)
+    torch.testing.assert_close(rgb_to_lab(_pixel(0, 0, 0)).flatten(), torch.zeros(3), atol=1e-4, rtol=0)
+    for v in (0.02, 0.2, 0.5, 0.8):
+        # Grey: Y = linear(v) (the Y row of the sRGB matrix sums to 1), a = b = 0.
+        y = _srgb_linear(v)
+        f = y ** (1 / 3) if y > (6 / 29) ** 3 else y / (3 * (6 / 29) ** 2) + 4 / 29
+        expected_l = 116 * f - 16
+        lab = rgb_to_lab(_pixel(v, v, v)).flatten()
+        assert lab[0].item() == pytest.approx(expected_l, abs=1e-3)
+        assert abs(lab[1].item()) < 0.01 and abs(lab[2].item()) < 0.01
+
+
+@pytest.mark.parametrize("rgb,lab", [
+    ((1, 0, 0), (53.24, 80.09, 67.20)),    # sRGB red, D65
+    ((0, 1, 0), (87.73, -86.18, 83.18)),   # sRGB green
+    ((0, 0, 1), (32.30, 79.19, -107.86)),  # sRGB blue
+])
+def test_lab_primaries(rgb, lab):
+    got = rgb_to_lab(_pixel(*rgb)).flatten()
+    torch.testing.assert_close(got, torch.tensor(lab), atol=0.02, rtol=0)
+
+
+def test_lab_matches_scikit_image_when_installed():
+    skcolor = pytest.importorskip("skimage.color")
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(3, 9, 11, generator=g)
+    ref = torch.from_numpy(skcolor.rgb2lab(x.permute(1, 2, 0).double().numpy())).permute(2, 0, 1).float()
+    torch.testing.assert_close(rgb_to_lab(x), ref, atol=1e-3, rtol=0)
+
+
+def test_resized_size_policies():
+    assert resized_size(480, 854) == (480, 854)
+    kw = dict(resize="short_floor", short_side=480, multiple=64)
+    assert resized_size(480, 854, **kw) == (480, 832)
+    assert resized_size(480, 910, **kw) == (480, 896)
+    assert resized_size(480, 1152, **kw) == (480, 1152)
+    assert resized_size(854, 480, **kw) == (832, 480)  # portrait: the long side is the height
+    with pytest.raises(ValueError, match="resize"):
+        resized_size(10, 10, resize="square")
+
+
+def test_resize_frames_exact_size():
+    frames = torch.randint(0, 256, (2, 3, 37, 51), dtype=torch.uint8)
+    out = resize_frames(frames, (20, 33))
+    assert out.shape == (2, 3, 20, 33) and out.dtype == torch.float32
+    assert 0.0 <= float(out.min()) and float(out.max()) <= 1.0
+    torch.testing.assert_close(resize_frames(frames, (37, 51)), frames.float() / 255)
+
+
+@pytest.mark.parametrize("size", [(37, 51), (40, 64), (17, 9)])
+def test_lab_features_shapes_and_values(size):
+    ext = LabFeatures(stride=8)
+    assert isinstance(ext, FeatureExtractor)
+    frames = torch.randint(0, 256, (2, 3, *size), dtype=torch.uint8)
+    feats = ext(frames)
+    expected = (math.ceil(size[0] / 8), math.ceil(size[1] / 8))
+    assert feats.shape == (2, 3, *expected)
+    assert ext.feature_size(*size) == expected
+    # A constant frame gives the (scaled) Lab value of its colour in every cell.
+    const = torch.zeros(1, 3, *size, dtype=torch.uint8)
+    const[:, 0], const[:, 1], const[:, 2] = 200, 30, 90
+    lab = rgb_to_lab(torch.tensor([200 / 255, 30 / 255, 90 / 255]).reshape(3, 1, 1)).flatten()
+    scaled = torch.stack([(lab[0] - 50) / 50, lab[1] / 127, lab[2] / 127])
+    torch.testing.assert_close(ext(const)[0], scaled[:, None, None].expand(3, *expected), atol=1e-4, rtol=0)
+
+
+def test_encoder_features_shapes_odd_sizes_and_seed():
+    rng_before = torch.random.get_rng_state()
+    ext = build_encoder_features("resnet18", seed=3)
+    assert torch.equal(torch.random.get_rng_state(), rng_before)  # seeding did not touch the global RNG
+    assert ext.stride == 8 and ext.channels == 256
+    for size in [(37, 51), (48, 64)]:
+        frames = torch.randint(0, 256, (1, 3, *size), dtype=torch.uint8)
+        feats = ext(frames)
+        assert feats.shape == (1, 256, math.ceil(size[0] / 8), math.ceil(size[1] / 8))
+        assert ext.feature_size(*size) == tuple(feats.shape[-2:])
+    frames = torch.randint(0, 256, (2, 3, 32, 40), dtype=torch.uint8)
+    same = build_encoder_features("resnet18", seed=3)(frames)
+    torch.testing.assert_close(ext(frames), same)
+    other = build_encoder_features("resnet18", seed=4)(frames)
+    assert (other - same).abs().max() > 1e-3
+
+
+def test_encoder_features_normalisation_and_resize():
+    ext = build_encoder_features("resnet18", seed=0, cfg=get_preset("dino"))
+    frames = torch.randint(0, 256, (1, 3, 48, 80), dtype=torch.uint8)
+    # DINO policy with short side 480: 48x80 -> 480x800 -> floored to 480x768.
+    assert ext.input_size(48, 80) == (480, 768)
+    small = EncoderFeatures(ext.encoder, layer="layer3", mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3))
+    x = frames.float() / 255
+    manual = ext.encoder((x - torch.tensor([0.5, 0.4, 0.3])[None, :, None, None])
+                         / torch.tensor([0.2, 0.25, 0.3])[None, :, None, None], upto="layer3")
+    torch.testing.assert_close(small(frames), manual)
+
+
+def test_weights_file_and_arch_inference(tmp_path):
+    net = torchvision.models.resnet18()
+    path = tmp_path / "r18.pth"
+    torch.save(net.state_dict(), path)
+    ext = build_encoder_features("resnet18", weights=path)
+    assert ext.encoder.padding_mode == "zeros"
+    torch.testing.assert_close(ext.encoder.conv1.weight, net.conv1.weight)
+    torch.testing.assert_close(ext.encoder.layer3[1].conv2.weight, net.layer3[1].conv2.weight)
+    assert infer_resnet_arch(net.state_dict()) == "resnet18"
+    assert infer_resnet_arch(torchvision.models.resnet50().state_dict()) == "resnet50"
+    assert ext.info()["arch"] == "resnet18" and "r18.pth" in ext.name
+    with pytest.raises(ValueError, match="resnet50"):
+        build_encoder_features("resnet50", weights=path)  # message names the file and the expected arch
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="bad.pth"):
+        build_encoder_features("resnet18", weights=bad)
+    with pytest.raises(FileNotFoundError, match="missing.pth"):
+        build_encoder_features("resnet18", weights=tmp_path / "missing.pth")
+

@@ -1,0 +1,336 @@
+"""Feature extractors for label propagation: frames ``uint8 (N, 3, H, W)`` -> features ``(N, C, h, w)``.
+
+Every extractor declares ``name`` and ``stride`` and applies the preset's preprocessing itself: the resize policy
+(exact integer sizes from :func:`resized_size`, bilinear without antialiasing like OpenCV's ``INTER_LINEAR``) and,
+for encoders, the RGB/255 mean/std normalisation. The engine never assumes a ResNet; anything that satisfies
+:class:`FeatureExtractor` can be propagated.
+
+Built-ins:
+
+* :class:`EncoderFeatures` -- a :class:`~vidssl.models.encoders.ResNetEncoder` cut at a stage (CRW: ``layer3``,
+  stride 8); :func:`build_encoder_features` makes a seeded random-init or torchvision-weights ResNet-18/34/50.
+* :class:`LabFeatures` -- raw-pixel CIE Lab averaged over ``stride x stride`` cells (a learning-free baseline).
+
+Output size of both: ``(ceil(H'/s), ceil(W'/s))`` for a resized frame ``(H', W')`` and stride ``s``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any, Literal, Protocol, runtime_checkable
+
+import torch
+import torch.nn.functional as F
+from einops import einsum
+
+from vidssl.evaluation.presets import IMAGENET_MEAN, IMAGENET_STD, PropagationConfig
+from vidssl.models.encoders import ENCODERS, ResNetEncoder, build_encoder
+
+ResizePolicy = Literal["native", "short_floor"]
+
+__all__ = [
+    "EncoderFeatures",
+    "FeatureExtractor",
+    "LabFeatures",
+    "build_encoder_features",
+    "infer_resnet_arch",
+    "load_weights_file",
+    "resize_frames",
+    "resized_size",
+    "rgb_to_lab",
+]
+
+
+@runtime_checkable
+class FeatureExtractor(Protocol):
+    """What the propagation runner needs from a feature extractor.
+
+    Attributes:
+        name: short description recorded in metrics.json.
+        stride: input pixels per feature cell.
+    """
+
+    name: str
+    stride: int
+
+    def input_size(self, height: int, width: int) -> tuple[int, int]:
+        """Size ``(H', W')`` frames of size ``(height, width)`` are resized to before feature extraction."""
+        ...
+
+    def feature_size(self, height: int, width: int) -> tuple[int, int]:
+        """Feature-map size ``(h, w)`` for original frames of size ``(height, width)``."""
+        ...
+
+    def __call__(self, frames: torch.Tensor) -> torch.Tensor:
+        """``frames: uint8 (N, 3, H, W)`` RGB at original size -> ``float32 (N, C, h, w)`` on the extractor device."""
+        ...
+
+
+def resized_size(height: int, width: int, *, resize: ResizePolicy = "native", short_side: int = 480,
+                 multiple: int = 64) -> tuple[int, int]:
+    """Input size under a resize policy.
+
+    ``native`` keeps ``(height, width)``. ``short_floor`` (DINO, UVC) scales the short side to ``short_side`` and
+    floors the proportionally scaled long side to a multiple of ``multiple`` (854x480 -> 832x480, 910 -> 896,
+    1152 -> 1152).
+
+    Returns:
+        ``(H', W')`` integers.
+    """
+    if height < 1 or width < 1:
+        raise ValueError(f"frame size: expected positive height and width, got {height}x{width}")
+    if resize == "native":
+        return height, width
+    if resize != "short_floor":
+        raise ValueError(f"resize: {resize!r}; expected 'native' or 'short_floor'")
+    if width > height:
+        long_side = int((short_side * width / height) // multiple * multiple)
+        out = (short_side, long_side)
+    else:
+        long_side = int((short_side * height / width) // multiple * multiple)
+        out = (long_side, short_side)
+    if min(out) < 1:
+        raise ValueError(f"resize: {height}x{width} frames give an empty size {out} with short_side={short_side}, "
+                         f"multiple={multiple}")
+    return out
+
+
+def resize_frames(frames: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """``uint8 (N, 3, H, W)`` -> ``float32 (N, 3, H', W')`` in ``[0, 1]``, bilinear to the exact ``size``.
+
+    No antialiasing and ``align_corners=False`` (OpenCV ``INTER_LINEAR`` convention). Frames already at ``size`` are
+    only converted.
+    """
+    if frames.ndim != 4 or frames.shape[1] != 3:
+        raise ValueError(f"frames: expected (N, 3, H, W), got shape {tuple(frames.shape)}")
+    x = frames.float() / 255.0
+    if tuple(x.shape[-2:]) != tuple(size):
+        x = F.interpolate(x, size=(int(size[0]), int(size[1])), mode="bilinear", align_corners=False,
+                          antialias=False)
+    return x
+
+
+_SRGB_TO_XYZ = ((0.412453, 0.357580, 0.180423),
+                (0.212671, 0.715160, 0.072169),
+                (0.019334, 0.119193, 0.950227))
+_D65_WHITE = (0.95047, 1.0, 1.08883)
+
+
+def rgb_to_lab(rgb: torch.Tensor) -> torch.Tensor:
+    """sRGB in ``[0, 1]`` -> CIE L*a*b* (D65), channel dim 1 or 0.
+
+    Args:
+        rgb: ``(N, 3, H, W)`` or ``(3, H, W)`` float in ``[0, 1]``.
+
+    Returns:
+        same shape; ``L`` in ``[0, 100]``, ``a``/``b`` roughly in ``[-128, 128]`` (white = (100, 0, 0)).
+    """
+    squeeze = rgb.ndim == 3
+    x = rgb[None] if squeeze else rgb
+    if x.ndim != 4 or x.shape[1] != 3:
+        raise ValueError(f"rgb: expected (N, 3, H, W) or (3, H, W), got shape {tuple(rgb.shape)}")
+    x = x.float().clamp(0.0, 1.0)
+    linear = torch.where(x > 0.04045, ((x + 0.055) / 1.055) ** 2.4, x / 12.92)
+    matrix = torch.tensor(_SRGB_TO_XYZ, dtype=torch.float32, device=x.device)
+    white = torch.tensor(_D65_WHITE, dtype=torch.float32, device=x.device)
+    xyz = einsum(matrix, linear, "o i, n i h w -> n o h w") / white[None, :, None, None]
+    delta = 6.0 / 29.0
+    f = torch.where(xyz > delta**3, xyz.clamp_min(1e-12) ** (1.0 / 3.0), xyz / (3 * delta**2) + 4.0 / 29.0)
+    fx, fy, fz = f[:, 0], f[:, 1], f[:, 2]
+    lab = torch.stack([116.0 * fy - 16.0, 500.0 * (fx - fy), 200.0 * (fy - fz)], dim=1)
+    return lab[0] if squeeze else lab
+
+
+class _Preprocessing:
+    """Resize policy shared by the built-in extractors."""
+
+    stride: int
+    resize: ResizePolicy
+    short_side: int
+    size_multiple: int
+
+    def input_size(self, height: int, width: int) -> tuple[int, int]:
+        return resized_size(height, width, resize=self.resize, short_side=self.short_side,
+                            multiple=self.size_multiple)
+
+    def feature_size(self, height: int, width: int) -> tuple[int, int]:
+        h, w = self.input_size(height, width)
+        return math.ceil(h / self.stride), math.ceil(w / self.stride)
+
+
+class EncoderFeatures(_Preprocessing):
+    """Dense features from a :class:`ResNetEncoder` stage.
+
+    Args:
+        encoder: the network (put in eval mode and moved to ``device``).
+        layer: stage whose output is returned (``"layer3"`` for CRW: 256-d for ResNet-18 at stride 8).
+        mean, std: normalisation of RGB/255 inputs.
+        resize, short_side, size_multiple: resize policy (see :func:`resized_size`).
+        device: where the encoder runs and the features are returned.
+        name: description (default ``"<arch>.<layer>"``).
+
+    ``__call__``: ``uint8 (N, 3, H, W)`` -> ``float32 (N, C, ceil(H'/8), ceil(W'/8))``.
+
+    Example::
+
+        ext = EncoderFeatures(build_encoder("resnet18", out_layer="layer3"), layer="layer3")
+        feats = ext(torch.zeros(2, 3, 480, 854, dtype=torch.uint8))  # (2, 256, 60, 107)
+    """
+
+    def __init__(self, encoder: ResNetEncoder, *, layer: str = "layer3",
+                 mean: tuple[float, float, float] = IMAGENET_MEAN, std: tuple[float, float, float] = IMAGENET_STD,
+                 resize: ResizePolicy = "native", short_side: int = 480, size_multiple: int = 64,
+                 device: str | torch.device = "cpu", name: str | None = None) -> None:
+        if layer not in getattr(encoder, "_layers", ()):
+            raise ValueError(f"layer: {layer!r} is not built in this encoder (has {list(encoder._layers)})")
+        resized_size(8, 8, resize=resize, short_side=short_side, multiple=size_multiple)  # validates the policy
+        self.encoder = encoder.to(device).eval()
+        self.layer = layer
+        self.stride = encoder.stride_at(layer)
+        self.channels = encoder.channels_at(layer)
+        self.mean, self.std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
+        self.resize, self.short_side, self.size_multiple = resize, short_side, size_multiple
+        self.device = torch.device(device)
+        self.name = name or f"{encoder.arch}.{layer}"
+
+    @classmethod
+    def from_config(cls, encoder: ResNetEncoder, cfg: PropagationConfig, *, name: str | None = None
+                    ) -> "EncoderFeatures":
+        """Extractor with the preprocessing, layer and device of a propagation config."""
+        return cls(encoder, layer=cfg.layer, mean=cfg.mean, std=cfg.std, resize=cfg.resize,
+                   short_side=cfg.short_side, size_multiple=cfg.size_multiple, device=cfg.device, name=name)
+
+    def __call__(self, frames: torch.Tensor) -> torch.Tensor:
+        size = self.input_size(int(frames.shape[-2]), int(frames.shape[-1]))
+        x = resize_frames(frames.to(self.device), size)  # (N, 3, H', W') in [0, 1]
+        mean = torch.tensor(self.mean, device=self.device)[None, :, None, None]
+        std = torch.tensor(self.std, device=self.device)[None, :, None, None]
+        with torch.inference_mode():
+            feats = self.encoder((x - mean) / std, upto=self.layer)
+        expected = self.feature_size(int(frames.shape[-2]), int(frames.shape[-1]))
+        if tuple(feats.shape[-2:]) != expected:
+            raise RuntimeError(f"{self.name}: feature map {tuple(feats.shape[-2:])} differs from the declared "
+                               f"size {expected} for {tuple(frames.shape[-2:])} frames")
+        return feats.float().clone()
+
+    def info(self) -> dict[str, Any]:
+        """Description for metrics.json."""
+        return {"kind": "encoder", "name": self.name, "arch": self.encoder.arch, "layer": self.layer,
+                "stride": self.stride, "channels": self.channels, "padding_mode": self.encoder.padding_mode,
+                "mean": list(self.mean), "std": list(self.std), "resize": self.resize}
+
+
+class LabFeatures(_Preprocessing):
+    """Raw-pixel CIE Lab features, area-averaged over ``stride x stride`` cells.
+
+    Channels are scaled to comparable ranges: ``((L - 50) / 50, a / 127, b / 127)``.
+
+    ``__call__``: ``uint8 (N, 3, H, W)`` -> ``float32 (N, 3, ceil(H'/s), ceil(W'/s))`` (adaptive area pooling to the
+    exact size, so odd sizes give partial border cells like the stride-8 ResNet).
+    """
+
+    def __init__(self, *, stride: int = 8, resize: ResizePolicy = "native", short_side: int = 480,
+                 size_multiple: int = 64, device: str | torch.device = "cpu") -> None:
+        if stride < 1:
+            raise ValueError(f"stride: must be >= 1, got {stride}")
+        resized_size(8, 8, resize=resize, short_side=short_side, multiple=size_multiple)
+        self.stride = int(stride)
+        self.channels = 3
+        self.resize, self.short_side, self.size_multiple = resize, short_side, size_multiple
+        self.device = torch.device(device)
+        self.name = f"lab.stride{self.stride}"
+
+    @classmethod
+    def from_config(cls, cfg: PropagationConfig, *, stride: int = 8) -> "LabFeatures":
+        """Extractor with the resize policy and device of a propagation config."""
+        return cls(stride=stride, resize=cfg.resize, short_side=cfg.short_side, size_multiple=cfg.size_multiple,
+                   device=cfg.device)
+
+    def __call__(self, frames: torch.Tensor) -> torch.Tensor:
+        height, width = int(frames.shape[-2]), int(frames.shape[-1])
+        x = resize_frames(frames.to(self.device), self.input_size(height, width))
+        lab = rgb_to_lab(x)
+        scale = torch.tensor([50.0, 127.0, 127.0], device=self.device)[None, :, None, None]
+        shift = torch.tensor([50.0, 0.0, 0.0], device=self.device)[None, :, None, None]
+        lab = (lab - shift) / scale
+        return F.adaptive_avg_pool2d(lab, self.feature_size(height, width))
+
+    def info(self) -> dict[str, Any]:
+        """Description for metrics.json."""
+        return {"kind": "lab", "name": self.name, "stride": self.stride, "channels": 3, "resize": self.resize}
+
+
+def load_weights_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a state_dict from ``.pth``/``.pt`` (``torch.load(weights_only=True)``) or ``.safetensors``.
+
+    A checkpoint that wraps the weights under ``state_dict`` or ``model`` is unwrapped. Errors name the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: weights file not found")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state: Any = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ValueError(f"{path}: cannot read weights ({exc})") from exc
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path}: expected a state_dict (a mapping of names to tensors)")
+    return state
+
+
+def build_encoder_features(name: str, *, seed: int = 0, weights: str | os.PathLike | None = None,
+                           cfg: PropagationConfig | None = None) -> EncoderFeatures:
+    """A stride-8 ResNet feature extractor: random init from ``seed``, or a local torchvision ``state_dict``.
+
+    Args:
+        name: ``"resnet18"``, ``"resnet34"`` or ``"resnet50"``.
+        seed: initialisation seed (used in a forked RNG, the global torch RNG is left untouched).
+        weights: optional torchvision ResNet state_dict file (``.pth``/``.pt``/``.safetensors``); with weights the
+            torchvision zero padding is kept, random init uses CRW's reflect padding.
+        cfg: propagation config giving layer, normalisation, resize policy and device (default: ``crw``).
+    """
+    if name not in ENCODERS:
+        raise ValueError(f"encoder: unknown name {name!r}; expected one of {', '.join(ENCODERS)}, 'lab' or "
+                         f"'identity'")
+    cfg = cfg or PropagationConfig()
+    padding = "zeros" if weights is not None else "reflect"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        encoder = build_encoder(name, out_layer=cfg.layer, stride8=True, padding_mode=padding)
+    if weights is not None:
+        state = load_weights_file(weights)
+        try:
+            encoder.load_torchvision_state_dict(state)
+        except ValueError as exc:
+            raise ValueError(f"{weights}: {exc}") from exc
+        label = f"{name}.{cfg.layer}[{Path(weights).name}]"
+    else:
+        label = f"{name}.{cfg.layer}[random seed={seed}]"
+    return EncoderFeatures.from_config(encoder, cfg, name=label)
+
+
+def infer_resnet_arch(state: dict[str, torch.Tensor]) -> str:
+    """``resnet18`` / ``resnet34`` / ``resnet50`` from the keys of a torchvision ResNet state_dict."""
+    keys = {k.removeprefix("module.") for k in state}
+    if "conv1.weight" not in keys or "layer3.0.conv1.weight" not in keys:
+        raise ValueError("not a torchvision ResNet state_dict (no conv1.weight / layer3.0.conv1.weight)")
+    bottleneck = "layer1.0.conv3.weight" in keys
+    blocks3 = len({k.split(".")[1] for k in keys if k.startswith("layer3.")})
+    if bottleneck:
+        if blocks3 == 6:
+            return "resnet50"
+        raise ValueError(f"bottleneck ResNet with {blocks3} layer3 blocks; only resnet50 (6) is supported")
+    if blocks3 == 2:
+        return "resnet18"
+    if blocks3 == 6:
+        return "resnet34"
+    raise ValueError(f"basic-block ResNet with {blocks3} layer3 blocks; expected resnet18 (2) or resnet34 (6)")
