@@ -312,7 +312,7 @@ def test_label_down_and_upsample_helpers():
 
 def test_presets_official_values_and_overrides():
     from vidssl.config import ConfigError
-    from vidssl.evaluation.presets import PRESETS, PresetUnavailableError
+    from vidssl.evaluation.presets import PRESETS
 
     crw = get_preset("crw")
     assert (crw.context, crw.topk, crw.radius, crw.temperature) == (20, 10, 12.0, 0.05)
@@ -322,9 +322,10 @@ def test_presets_official_values_and_overrides():
     assert (dino.context, dino.topk, dino.radius, dino.temperature) == (7, 5, 12.0, 0.1)
     assert dino.restrict_shape == "square" and dino.first_frame_restricted and not dino.pad_prev_with_first
     assert dino.std[0] == 0.228 and dino.label_down == "nearest" and dino.upsample_to == "resized"
-    assert set(PRESETS) == {"crw", "dino"}
-    with pytest.raises(PresetUnavailableError, match="#4"):
-        get_preset("mast")
+    assert set(PRESETS) == {"crw", "dino", "mast", "corrflow"}
+    mast = get_preset("mast")
+    assert mast.window.radius == 12 and mast.window.memory == "long_short" and mast.feedback == "hard"
+    assert get_preset("corrflow").window.crop_multiple == 8
     cfg = preset_config("crw", ["propagate.topk=5", "bf16=true", "propagate.mean=[0.5, 0.5, 0.5]"])
     assert (cfg.topk, cfg.bf16, cfg.mean, cfg.context) == (5, True, (0.5, 0.5, 0.5), 20)
     assert cfg.propagation_kwargs()["dtype"] == torch.bfloat16

@@ -228,7 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     src = sp.add_argument_group("feature source (one of)")
     src.add_argument("--checkpoint", metavar="PATH", help="a vidssl run folder, checkpoint folder or .safetensors")
     src.add_argument("--encoder", metavar="NAME", help="built-in: resnet18, resnet50 (random init, stride 8), "
-                     "lab (raw Lab pixels), identity (copies the first-frame mask)")
+                     "mast_resnet18 (random init, stride 4; with --preset mast/corrflow), lab (raw Lab pixels), "
+                     "identity (copies the first-frame mask)")
     src.add_argument("--weights", metavar="FILE", help="a torchvision ResNet state_dict (with --encoder resnet18/50)")
     sp.add_argument("--seed", type=int, default=0, help="seed of a random-init encoder")
     sp.add_argument("--davis-root", required=True, help="DAVIS root (JPEGImages/, Annotations/, ImageSets/)")
@@ -236,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--split", default="val", help="sequence list ImageSets/<year>/<split>.txt")
     sp.add_argument("--sequences", help="comma-separated subset of sequences")
     sp.add_argument("--out", required=True, help="results folder (palette PNGs, CSVs, metrics.json)")
-    sp.add_argument("--preset", default="crw", help="propagation protocol: crw, dino or mast")
+    sp.add_argument("--preset", default="crw", help="propagation protocol: crw, dino, mast or corrflow")
     sp.add_argument("--set", action="append", default=[], metavar="propagate.KEY=VALUE",
                     help="override a propagation hyperparameter, e.g. --set propagate.topk=5")
     sp.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: the preset's, cpu)")

@@ -19,7 +19,10 @@ from vidssl.data.config import DataConfig
 class ModelConfig:
     """The shared frame encoder."""
 
-    encoder: Literal["resnet18", "resnet34", "resnet50"] = "resnet18"
+    #: torchvision ResNets (stride 8 with ``stride8``), or ``mast_resnet18``: the CorrFlow/MAST stride-4 ResNet-18
+    #: (vidssl/models/mast_encoder.py; ``out_layer``/``eval_layer``/``stride8`` do not apply, its features are the
+    #: 64-d ``head`` output)
+    encoder: Literal["resnet18", "resnet34", "resnet50", "mast_resnet18"] = "resnet18"
     out_layer: Literal["layer1", "layer2", "layer3", "layer4"] = "layer4"  #: last stage used in training
     eval_layer: Literal["layer1", "layer2", "layer3", "layer4"] = "layer3"  #: stage used for label propagation
     stride8: bool = True  #: layer3/layer4 stride 1 (output stride 8)

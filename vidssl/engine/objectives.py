@@ -8,14 +8,17 @@ change.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import torch
 import torch.nn as nn
 
 from vidssl.config import ConfigError, from_dict, to_dict
+from vidssl.models.corrflow import CorrFlow
 from vidssl.models.crw import CRW
+from vidssl.models.mast import MAST
 
 
 @dataclass
@@ -40,6 +43,65 @@ class CRWParams:
 
 
 @dataclass
+class CorrFlowParams:
+    """Correspondence Flow (zlai0/CorrFlow defaults; see :class:`vidssl.models.CorrFlow`)."""
+
+    radius: int = 6  #: restricted-attention half-size (13x13)
+    num_colours: int = 16  #: quantised ab colours
+    centroids: list[list[float]] | None = None  #: K (a, b) pairs; null = k-means on the first training batch
+    keep_prob: float = 0.3  #: probability of no RGB channel dropout
+    long_weight: float = 0.1  #: weight of the long-term cycle loss
+    ss_start: float = 0.9  #: scheduled sampling: P(ground-truth colours at step 2) at the start ...
+    ss_end: float = 0.6  #: ... and after schedule_steps
+    schedule_steps: int = 100_000  #: set to train.steps
+    ref_downsample: Literal["ids_bilinear", "onehot_bilinear"] = "ids_bilinear"  #: official: bilinear on ids
+    numerics: Literal["logsumexp", "official"] = "logsumexp"  #: exact log-probabilities, or log(p + 1e-8)
+    temperature: float = 1.0  #: correlation divisor (1 = official raw dot products)
+    jitter_prob: float = 0.1  #: ColorJitter probability per clip (encoder input only)
+    jitter_strength: float = 0.1
+    input_mean: tuple[float, float, float] = (0.0, 0.0, 0.0)  #: data normalisation to undo (recipes: none)
+    input_std: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    kmeans_samples: int = 100_000
+
+    def validate(self, prefix: str = "") -> None:
+        if self.radius < 1 or self.num_colours < 2 or self.schedule_steps < 1:
+            raise ConfigError(f"{prefix}: radius >= 1, num_colours >= 2 and schedule_steps >= 1 are required")
+        if not 0 <= self.keep_prob <= 1 or not 0 <= self.jitter_prob <= 1:
+            raise ConfigError(f"{prefix}.keep_prob/jitter_prob: must lie in [0, 1]")
+        if self.centroids is not None and (len(self.centroids) != self.num_colours
+                                           or any(len(c) != 2 for c in self.centroids)):
+            raise ConfigError(f"{prefix}.centroids: expected {self.num_colours} [a, b] pairs")
+        if self.temperature <= 0:
+            raise ConfigError(f"{prefix}.temperature: must be > 0, got {self.temperature}")
+
+
+@dataclass
+class MASTParams:
+    """MAST (zlai0/MAST defaults + the sqrt(C) fix; see :class:`vidssl.models.MAST`)."""
+
+    stage: Literal["pairwise", "multiframe"] = "pairwise"  #: multiframe = paper stage 2, not in the official code
+    radius: int = 6  #: training window half-size (13x13)
+    sqrt_c_scaling: bool = True  #: divide correlations by sqrt(C) (needed on current PyTorch); false = official
+    out_of_image: Literal["zero", "mask"] = "zero"  #: official sampler: out-of-image entries score 0, copy 0
+    huber_scale: float = 20.0
+    pair_gaps: list[int] | None = None  #: pairwise target frame gap choices (official [2, 5, 8]); null = last frame
+    pair_probs: list[float] | None = None  #: their probabilities (official [0.4, 0.4, 0.2])
+    long_term: list[int] = dataclasses.field(default_factory=lambda: [0, 1])  #: multiframe references
+    short_term: list[int] = dataclasses.field(default_factory=lambda: [-3, -2])
+    roi: bool = True  #: ROI localisation of long-term references (multiframe)
+    roi_radius: int | None = None  #: coarse search half-size (default: radius)
+    roi_dilation: int = 2
+    input_mean: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    input_std: tuple[float, float, float] = (1.0, 1.0, 1.0)
+
+    def validate(self, prefix: str = "") -> None:
+        if self.radius < 1 or self.roi_dilation < 1:
+            raise ConfigError(f"{prefix}: radius and roi_dilation must be >= 1")
+        if self.pair_probs is not None and self.pair_gaps is None:
+            raise ConfigError(f"{prefix}.pair_probs: needs pair_gaps")
+
+
+@dataclass
 class ObjectiveEntry:
     """How to build one objective: its parameter dataclass, a builder, and the minimum clip length it needs."""
 
@@ -54,9 +116,19 @@ def _build_crw(encoder: nn.Module, p: CRWParams) -> nn.Module:
                min_length=p.min_length)
 
 
+def _build_corrflow(encoder: nn.Module, p: CorrFlowParams) -> nn.Module:
+    return CorrFlow(encoder, **to_dict(p))
+
+
+def _build_mast(encoder: nn.Module, p: MASTParams) -> nn.Module:
+    return MAST(encoder, **to_dict(p))
+
+
 def default_registry() -> dict[str, ObjectiveEntry]:
     """The built-in objectives."""
-    return {"crw": ObjectiveEntry(CRWParams, _build_crw, min_clip_len=3)}
+    return {"crw": ObjectiveEntry(CRWParams, _build_crw, min_clip_len=3),
+            "corrflow": ObjectiveEntry(CorrFlowParams, _build_corrflow, min_clip_len=3),
+            "mast": ObjectiveEntry(MASTParams, _build_mast, min_clip_len=2)}
 
 
 _REGISTRY: dict[str, ObjectiveEntry] = default_registry()

@@ -29,11 +29,15 @@ from vidssl.engine.distributed import DistInfo, barrier, cleanup_distributed, in
 from vidssl.engine.objectives import MultiObjective
 from vidssl.io.atomic import atomic_write_text
 from vidssl.models.encoders import build_encoder
+from vidssl.models.mast_encoder import MASTEncoder
 
 
 def build_model_encoder(cfg: ModelConfig) -> nn.Module:
     """The shared encoder described by the ``model`` section."""
-    enc = build_encoder(cfg.encoder, out_layer=cfg.out_layer, stride8=cfg.stride8, padding_mode=cfg.padding_mode)
+    if cfg.encoder == "mast_resnet18":
+        enc = MASTEncoder(padding_mode=cfg.padding_mode)
+    else:
+        enc = build_encoder(cfg.encoder, out_layer=cfg.out_layer, stride8=cfg.stride8, padding_mode=cfg.padding_mode)
     if cfg.norm == "group":
         _batchnorm_to_groupnorm(enc)
     return enc

@@ -16,6 +16,7 @@ from types import MappingProxyType
 from typing import Any, Literal, Mapping
 
 from vidssl.config import ConfigError, apply_overrides, from_dict, to_dict
+from vidssl.evaluation.mast_propagation import WindowPropagationConfig, corrflow_preset, mast_preset
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -57,6 +58,9 @@ class PropagationConfig:
     tile: int = 12  # query tile side for the windowed (restricted) affinity
     feature_batch: int = 4  # frames per feature-extractor batch
     device: str = "cpu"  # torch device for features and propagation ("cpu", "cuda", "cuda:1", ...)
+    # MAST / CorrFlow protocols (hard feedback, window softmax, memory + ROI): set -> the runner uses
+    # vidssl.evaluation.mast_propagation and the keys above except device/feature_batch do not apply
+    window: WindowPropagationConfig | None = None
 
     def validate(self, prefix: str = "propagate") -> None:
         """Check value ranges; errors name the key."""
@@ -118,10 +122,25 @@ def _dino() -> PropagationConfig:
         label_down="nearest", feedback="soft", norm_mask=True, upsample_to="resized")
 
 
+def _mast() -> PropagationConfig:
+    # zlai0/MAST benchmark.py --ref 0: native size, Lab input, memory {0, 5} + {i, i-2, i-4}, 25x25 windows, ROI
+    # for references > 15 frames back, one softmax over all windows (raw dot products), hard feedback, C = 7.
+    return PropagationConfig(preset="mast", l2=False, temperature=1.0, restrict_shape="square", radius=12.0,
+                             label_down="nearest", feedback="hard", window=mast_preset())
+
+
+def _corrflow() -> PropagationConfig:
+    # zlai0/CorrFlow benchmark.py: RGB/255, crop to x8, previous frame only, 13x13 window, hard feedback.
+    return PropagationConfig(preset="corrflow", l2=False, temperature=1.0, context=1, use_first=False,
+                             restrict_shape="square", radius=6.0, label_down="bilinear", feedback="hard",
+                             window=corrflow_preset())
+
+
 #: Official preset values (read-only mapping of frozen configs).
-PRESETS: Mapping[str, PropagationConfig] = MappingProxyType({"crw": _crw(), "dino": _dino()})
-#: Names accepted by :func:`get_preset` (``mast`` is listed but refused until its memory/ROI reader exists).
-PRESET_NAMES = ("crw", "dino", "mast")
+PRESETS: Mapping[str, PropagationConfig] = MappingProxyType({"crw": _crw(), "dino": _dino(), "mast": _mast(),
+                                                             "corrflow": _corrflow()})
+#: Names accepted by :func:`get_preset`.
+PRESET_NAMES = ("crw", "dino", "mast", "corrflow")
 
 
 class PresetUnavailableError(ConfigError):
@@ -129,15 +148,11 @@ class PresetUnavailableError(ConfigError):
 
 
 def get_preset(name: str) -> PropagationConfig:
-    """A fresh :class:`PropagationConfig` with the official values of preset ``name`` (``crw`` or ``dino``)."""
-    if name == "mast":
-        raise PresetUnavailableError(
-            "preset 'mast': MAST propagation needs its memory schedule {0, 5} + {i, i-2, i-4}, the ROI-shifted "
-            "long-term reader and a window softmax without top-k; that reader arrives with the MAST issue (#4). "
-            "Use --preset crw or --preset dino for now.")
+    """A fresh :class:`PropagationConfig` with the official values of preset ``name``."""
     if name not in PRESETS:
         raise ConfigError(f"preset: unknown propagation preset {name!r}; expected one of {', '.join(PRESET_NAMES)}")
-    return dataclasses.replace(PRESETS[name])
+    base = PRESETS[name]
+    return dataclasses.replace(base, window=dataclasses.replace(base.window) if base.window is not None else None)
 
 
 def preset_config(name: str, overrides: list[str] | tuple[str, ...] = (),

@@ -238,6 +238,20 @@ def propagate_sequence(seq: _SequenceInput, *, extractor: FeatureExtractor | str
                 write_label_png(seq_dir / f"{stem}.png", seq.first_ids, palette)
                 if bar is not None:
                     bar.update(1)
+        elif cfg.window is not None:  # MAST / CorrFlow: memory + ROI window softmax, hard feedback at full size
+            from vidssl.evaluation.mast_propagation import propagate_sequence_window
+
+            def write_ids(t: int, ids: torch.Tensor) -> None:
+                if t > 0:
+                    write_label_png(seq_dir / f"{seq.stems[t]}.png", ids.to(torch.uint8).cpu(), palette)
+                if bar is not None:
+                    bar.update(1)
+
+            propagate_sequence_window(seq.frames, first, extractor=extractor, cfg=cfg.window, on_frame=write_ids,
+                                      feature_batch=cfg.feature_batch)
+            facts.update({"feature_size": list(extractor.feature_size(height, width)),
+                          "input_size": list(extractor.input_size(height, width)),
+                          "protocol": cfg.window.protocol})
         else:
             resized = extractor.input_size(height, width)
             feat_size = extractor.feature_size(height, width)

@@ -8,7 +8,21 @@ from pathlib import Path
 from typing import Any
 
 from vidssl.evaluation.features import EncoderFeatures, LabFeatures, build_encoder_features
+from vidssl.evaluation.mast_propagation import WindowFeatures
 from vidssl.evaluation.presets import PropagationConfig
+
+#: Input colour space of each objective that trains the stride-4 CorrFlow/MAST encoder.
+_WINDOW_COLOUR = {"corrflow": "rgb", "mast": "lab"}
+
+
+def _window_extractor(encoder: Any, cfg: PropagationConfig, *, colour: str, name: str | None = None
+                      ) -> WindowFeatures:
+    window = cfg.window
+    if window is None:
+        raise ValueError("the CorrFlow/MAST encoder (mast_resnet18) is evaluated with --preset mast or --preset "
+                         "corrflow (stride-4 window protocols)")
+    return WindowFeatures(encoder, colour=colour, crop_multiple=window.crop_multiple, short_side=window.short_side,
+                          device=cfg.device, name=name)
 
 
 def checkpoint_extractor(checkpoint: str | os.PathLike, cfg: PropagationConfig, *, layer: str | None = None
@@ -23,6 +37,12 @@ def checkpoint_extractor(checkpoint: str | os.PathLike, cfg: PropagationConfig, 
 
     ckpt = resolve_checkpoint(checkpoint)
     model, run_cfg, step = model_from_checkpoint(ckpt)
+    if run_cfg.model.encoder == "mast_resnet18":
+        objective = run_cfg.objectives[0].name
+        colour = _WINDOW_COLOUR.get(objective, cfg.window.colour if cfg.window is not None else "lab")
+        ext = _window_extractor(model.encoder, cfg, colour=colour, name=f"{run_cfg.name}@{step}.head[{colour}]")
+        return ext, {"source": "checkpoint", "checkpoint": str(ckpt), "step": step, "run": run_cfg.name,
+                     "layer": "head", "colour": colour}, cfg
     layer = layer or run_cfg.model.eval_layer
     cfg = dataclasses.replace(cfg, layer=layer)
     ext = EncoderFeatures.from_config(model.encoder, cfg, name=f"{run_cfg.name}@{step}.{layer}")
@@ -51,7 +71,22 @@ def build_extractor(*, checkpoint: str | os.PathLike | None = None, encoder: str
     if name == "lab":
         if weights:
             raise ValueError("--weights needs a ResNet --encoder, not 'lab'")
+        if cfg.window is not None:  # stride-4 normalised Lab pixels for the MAST/CorrFlow protocols
+            return _window_extractor(None, cfg, colour="lab"), {"source": "lab", "stride": 4}, cfg
         return LabFeatures.from_config(cfg), {"source": "lab"}, cfg
+    if name == "mast_resnet18":
+        import torch
+
+        from vidssl.models.mast_encoder import MASTEncoder
+
+        if weights:
+            raise ValueError("--weights: for mast_resnet18 give a vidssl --checkpoint instead")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(seed))
+            enc = MASTEncoder()
+        colour = cfg.window.colour if cfg.window is not None else "lab"
+        ext = _window_extractor(enc, cfg, colour=colour, name=f"mast_resnet18[random seed={seed}]")
+        return ext, {"source": "random-init", "encoder": name, "seed": seed, "colour": colour}, cfg
     if layer:
         cfg = dataclasses.replace(cfg, layer=layer)
     ext = build_encoder_features(name, seed=seed, weights=weights, cfg=cfg)
