@@ -19,6 +19,7 @@ from vidssl.config import ConfigError, from_dict, to_dict
 from vidssl.models.corrflow import CorrFlow
 from vidssl.models.crw import CRW
 from vidssl.models.mast import MAST
+from vidssl.models.timecycle import TimeCycle
 
 
 @dataclass
@@ -102,6 +103,49 @@ class MASTParams:
 
 
 @dataclass
+class TimeCycleParams:
+    """TimeCycle (xiaolonw/TimeCycle train_video_cycle_simple.py / model_simple.py defaults)."""
+
+    feat_dim: int = 512  #: channels of the 1x1 conv head on res4
+    temperature: float = 0.044194173824159216  #: affinity temperature, 512 ** -0.5
+    num_past: int = 4  #: past frames tracked through (videoLen)
+    target_index: int = 8  #: clip position of the target frame ((videoLen + predDistance) * frame_gap / data.stride)
+    frame_size: int = 240  #: training frame side (must equal data.crop_size)
+    patch_size: int = 80  #: target patch side in pixels (cropSize2); patch_size / frame_size is the fixed scale
+    offset_factor: float = 1.0809523809523809  #: 227/210 translation factor of the feature sampler (official quirk)
+    motion_patches: bool = True  #: centre patches on high-motion windows (needs the frame after the target)
+    motion_grid: int = 9  #: grid cells per side for the motion score (gridSize)
+    motion_top: int = 10  #: patch centre drawn among this many highest-motion windows
+    max_rotation: float = 45.0  #: patch rotation drawn in +-max_rotation degrees
+    jitter: float = 0.08333333333333333  #: +-1/12 jitter of the patch centre
+    cycle_weight: float = 0.02  #: weight of the tracking-cycle L_theta (0.2 * lamda 0.1)
+    skip_weight: float = 0.1  #: weight of the skip-cycle L_theta (lamda)
+    sim_weight: float = 1.0  #: weight of the feature-similarity (inlier count) term
+    grid_size: int = 20  #: points per side of the L_theta grid
+
+    def validate(self, prefix: str = "") -> None:
+        if self.temperature <= 0:
+            raise ConfigError(f"{prefix}.temperature: must be > 0, got {self.temperature}")
+        if self.num_past < 1 or self.target_index < self.num_past:
+            raise ConfigError(f"{prefix}.num_past/target_index: need num_past >= 1 and target_index >= num_past, "
+                              f"got {self.num_past}, {self.target_index}")
+        if not 0 < self.patch_size < self.frame_size:
+            raise ConfigError(f"{prefix}.patch_size: must lie in (0, frame_size={self.frame_size}), got "
+                              f"{self.patch_size}")
+        if self.motion_grid < 3 or self.motion_top < 1:
+            raise ConfigError(f"{prefix}.motion_grid/motion_top: need motion_grid >= 3 and motion_top >= 1")
+
+
+def _build_timecycle(encoder: nn.Module, p: TimeCycleParams) -> nn.Module:
+    return TimeCycle(encoder, feat_dim=p.feat_dim, temperature=p.temperature, num_past=p.num_past,
+                     target_index=p.target_index, frame_size=p.frame_size, patch_size=p.patch_size,
+                     offset_factor=p.offset_factor, motion_patches=p.motion_patches, motion_grid=p.motion_grid,
+                     motion_top=p.motion_top, max_rotation=p.max_rotation, jitter=p.jitter,
+                     cycle_weight=p.cycle_weight, skip_weight=p.skip_weight, sim_weight=p.sim_weight,
+                     grid_size=p.grid_size)
+
+
+@dataclass
 class ObjectiveEntry:
     """How to build one objective: its parameter dataclass, a builder, and the minimum clip length it needs."""
 
@@ -128,7 +172,8 @@ def default_registry() -> dict[str, ObjectiveEntry]:
     """The built-in objectives."""
     return {"crw": ObjectiveEntry(CRWParams, _build_crw, min_clip_len=3),
             "corrflow": ObjectiveEntry(CorrFlowParams, _build_corrflow, min_clip_len=3),
-            "mast": ObjectiveEntry(MASTParams, _build_mast, min_clip_len=2)}
+            "mast": ObjectiveEntry(MASTParams, _build_mast, min_clip_len=2),
+            "timecycle": ObjectiveEntry(TimeCycleParams, _build_timecycle, min_clip_len=3)}
 
 
 _REGISTRY: dict[str, ObjectiveEntry] = default_registry()
