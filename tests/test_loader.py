@@ -248,10 +248,6 @@ def write_mp4(path: Path, n: int, *, seed: int, size=(24, 32)) -> Path:
 
 
 def test_video_source_through_manifest(tmp_path):
-    import importlib.util
-
-    if importlib.util.find_spec("vidssl.io.video") is None:
-        pytest.skip("vidssl.io.video not written yet")
     vids = tmp_path / "videos"
     for v, n in enumerate((8, 11, 6)):
         write_mp4(vids / f"v{v}.mp4", n, seed=v)

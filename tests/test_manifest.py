@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 from pathlib import Path
@@ -189,8 +188,6 @@ def test_davis2016_pair_list_format(tmp_path):
 
 
 def test_video_files_are_indexed(tmp_path):
-    if importlib.util.find_spec("vidssl.io.video") is None:
-        pytest.skip("vidssl.io.video not written yet")
     av = pytest.importorskip("av")
     root = tmp_path / "videos"
     root.mkdir()

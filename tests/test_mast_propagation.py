@@ -200,8 +200,7 @@ def test_propagate_cli_with_mast_preset(tmp_path):
     """End to end through the runner once the lead has wired the ``mast`` preset and mast_resnet18 checkpoints."""
     from vidssl.evaluation import presets
 
-    if "mast" not in presets.PRESETS:
-        pytest.skip("the 'mast' preset is not wired into vidssl.evaluation.presets yet (integration pending)")
+    assert "mast" in presets.PRESETS
     from vidssl.cli import main
 
     root = tmp_path / "davis"
