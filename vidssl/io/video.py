@@ -32,7 +32,11 @@ Backends
 ``decord`` (extra ``vidssl[decord]``; unmaintained since 2021)
     ``decord.VideoReader(num_threads=threads).get_batch``.
 
-``backend="auto"`` picks the first available of :data:`AUTO_ORDER` (CPU) or torchcodec (CUDA).
+``pyav`` with ``device="cuda"``
+    NVDEC through the CUDA hwaccel of the FFmpeg inside PyAV's wheels; frames stay on the GPU (DLPack) and are
+    converted NV12 -> RGB there (:mod:`vidssl.io.color`, swscale's conventions); same seeking and frame indexing.
+
+``backend="auto"`` picks the first available of :data:`AUTO_ORDER` (CPU) or :data:`AUTO_ORDER_CUDA` (CUDA).
 """
 
 from __future__ import annotations
@@ -62,6 +66,10 @@ BACKENDS: tuple[str, ...] = ("pyav", "torchcodec", "decord")
 # patterns); torchcodec comes second as the maintained official decoder with the CUDA path, decord (unmaintained
 # since 2021) last. PyAV is a core dependency, so "auto" means PyAV unless it is broken.
 AUTO_ORDER: tuple[str, ...] = ("pyav", "torchcodec", "decord")
+
+# "auto" with device="cuda" (NVDEC): PyAV's FFmpeg hwaccel first, because PyAV's wheels carry an FFmpeg built with
+# NVDEC and the core dependency suffices; torchcodec's NVDEC needs its CUDA build (download.pytorch.org wheels).
+AUTO_ORDER_CUDA: tuple[str, ...] = ("pyav", "torchcodec")
 
 INSTALL_HINTS: dict[str, str] = {
     "pyav": "pip install av",
@@ -158,17 +166,19 @@ def available_backends(*, device: str | torch.device = "cpu") -> list[str]:
     visible GPU.
     """
     dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        return []
     names = []
-    for name in AUTO_ORDER:
-        if dev.type == "cuda" and name != "torchcodec":
+    for name in (AUTO_ORDER_CUDA if dev.type == "cuda" else AUTO_ORDER):
+        if dev.type == "cuda" and name == "pyav":
+            if nvdec_available():
+                names.append(name)
             continue
         try:
             _load_backend(name)
         except BackendUnavailableError:
             continue
         names.append(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        return []
     return names
 
 
@@ -206,6 +216,34 @@ def _load_backend(name: str) -> Any:
 # PyAV
 
 
+def nvdec_available() -> bool:
+    """True when PyAV's FFmpeg has the CUDA hwaccel and a CUDA GPU is visible (NVDEC through :class:`PyAVReader`)."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        av = _import_av()
+        from av.codec.hwaccel import hwdevices_available
+    except ImportError:
+        return False
+    return "cuda" in hwdevices_available()
+
+
+def _nvdec_hwaccel(device: torch.device, path: str) -> Any:
+    """PyAV hwaccel settings for NVDEC on ``device``, sharing PyTorch's (primary) CUDA context."""
+    if not torch.cuda.is_available():
+        raise BackendUnavailableError(f"{path}: device={str(device)!r} asked for but no CUDA GPU is visible")
+    try:
+        from av.codec.hwaccel import HWAccel, hwdevices_available
+    except ImportError as e:
+        raise BackendUnavailableError(f"{path}: this PyAV has no hardware decoding (PyAV >= 14 needed)") from e
+    if "cuda" not in hwdevices_available():
+        raise BackendUnavailableError(f"{path}: PyAV's FFmpeg was built without the CUDA hwaccel (NVDEC)")
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    torch.cuda.init()  # create PyTorch's primary context first; FFmpeg then uses it (primary_ctx)
+    return HWAccel(device_type="cuda", device=str(index), allow_software_fallback=False, is_hw_owned=True,
+                   options={"primary_ctx": "1"})
+
+
 class _Overshoot(Exception):
     """A seek landed after the wanted frame (internal; handled by seeking earlier)."""
 
@@ -220,10 +258,14 @@ class PyAVReader:
             ``threads != 1``.
         seek_mode: ``"exact"`` (scan packet timestamps at open) or ``"approximate"`` (trust the header).
         skip_nonref: let the decoder drop non-reference frames that are not returned (same output, less work).
+        device: ``"cpu"``, or ``"cuda[:N]"`` to decode on NVDEC through FFmpeg's CUDA hwaccel (PyAV's wheels ship an
+            FFmpeg built with it): frames stay in GPU memory (DLPack), are converted NV12 -> RGB there
+            (:func:`vidssl.io.color.nv12_to_rgb`) and come back as CUDA tensors. 8-bit 4:2:0 streams only; a stream
+            NVDEC cannot decode raises :class:`DecodeError` (no silent CPU fallback). Open such readers in the main
+            process.
     """
 
     backend = "pyav"
-    device = torch.device("cpu")
 
     def __init__(
         self,
@@ -233,9 +275,13 @@ class PyAVReader:
         thread_type: str = "SLICE",
         seek_mode: SeekMode = "exact",
         skip_nonref: bool = True,
+        device: str | torch.device = "cpu",
     ) -> None:
         self._container = None
-        _check_options(threads=threads, seek_mode=seek_mode, device="cpu")
+        self.device = _check_options(threads=threads, seek_mode=seek_mode, device=device)
+        if self.device.type not in ("cpu", "cuda"):
+            raise ValueError(f"device: expected 'cpu' or 'cuda[:N]', got {str(self.device)!r}")
+        self._hwaccel = None
         if thread_type not in ("SLICE", "FRAME", "AUTO"):
             raise ValueError(f"thread_type: expected 'SLICE', 'FRAME' or 'AUTO', got {thread_type!r}")
         self.path = _check_path(path)
@@ -243,6 +289,10 @@ class PyAVReader:
         self.seek_mode = seek_mode
         self.skip_nonref = skip_nonref
         self._av = _import_av()
+        if self.device.type == "cuda":
+            self._hwaccel = _nvdec_hwaccel(self.device, self.path)
+            self.device = torch.device("cuda", self.device.index if self.device.index is not None
+                                       else torch.cuda.current_device())
         self._open_container(probe_streams=False)
         try:
             self._read_metadata()
@@ -270,7 +320,10 @@ class PyAVReader:
         # probing.
         options = None if probe_streams else {"skip_frame": "all", "probesize": "32"}
         try:
-            self._container = av.open(self.path, options=options)
+            if self._hwaccel is not None:
+                self._container = av.open(self.path, options=options, hwaccel=self._hwaccel)
+            else:
+                self._container = av.open(self.path, options=options)
         except av.error.FFmpegError as e:
             raise DecodeError(f"{self.path}: not a readable video (corrupt, truncated or not a video): {e}") from e
         except OSError as e:
@@ -484,7 +537,10 @@ class PyAVReader:
                 self._rotation = _normalise_rotation(getattr(frame, "rotation", 0))
             self._next_index = i + 1
             if i in wanted and i not in out:
-                out[i] = self._reformatter.reformat(frame, format="rgb24").to_ndarray()
+                if self._hwaccel is not None:
+                    out[i] = self._gpu_rgb(frame)
+                else:
+                    out[i] = self._reformatter.reformat(frame, format="rgb24").to_ndarray()
             if i >= target:
                 finished = True
         return finished
@@ -546,6 +602,33 @@ class PyAVReader:
                 f"{self.path}: frame {target} of {self.num_frames} could not be decoded (corrupt or truncated data)"
             )
 
+    def _gpu_rgb(self, frame) -> torch.Tensor:
+        """An NVDEC frame (NV12 in GPU memory, exported by DLPack) -> ``uint8 (H, W, 3)`` RGB on ``self.device``."""
+        from vidssl.io.color import matrix_for_colorspace, nv12_to_rgb
+
+        sw = getattr(frame, "sw_format", None)
+        sw_name = getattr(sw, "name", sw)
+        if frame.format.name != "cuda" or sw_name != "nv12":
+            raise DecodeError(
+                f"{self.path}: NVDEC returned a {frame.format.name}/{sw_name} frame; the CUDA path reads 8-bit 4:2:0 "
+                "(nv12) only: decode this file on the CPU (data.device=cpu) or re-encode it (tools/prepare_videos.py)")
+        h, w = frame.height, frame.width
+        # PyAV exports without stream semantics: wait for FFmpeg's copy into the surface (all streams), then take
+        # the planes as DLPack capsules
+        torch.cuda.synchronize(self.device)
+        y = torch.from_dlpack(frame.planes[0].__dlpack__(stream=None))         # (>=H, >=W) uint8, pitched
+        uv = torch.from_dlpack(frame.planes[1].__dlpack__(stream=None))        # (>=H/2, >=W) or (.., .., 2)
+        if uv.dim() == 3:
+            uv = rearrange(uv, "h w c -> h (w c)")
+        if uv.dtype != torch.uint8:  # exported as 16-bit Cb/Cr pairs: the same bytes
+            uv = uv.contiguous().view(torch.uint8)
+        hc, wc = (h + 1) // 2, (w + 1) // 2
+        rgb = nv12_to_rgb(y[:h, :w], uv[:hc, : 2 * wc], matrix=matrix_for_colorspace(frame.colorspace),
+                          full_range=int(frame.color_range) == 2)               # (H, W, 3) new memory
+        # the decoder recycles its surfaces: the conversion must have read this one before the next decode
+        torch.cuda.current_stream(self.device).synchronize()
+        return rgb
+
     def _decode_sorted(self, unique: list[int]) -> dict[int, np.ndarray]:
         out: dict[int, np.ndarray] = {}
         wanted = set(unique)
@@ -567,15 +650,19 @@ class PyAVReader:
         return out
 
     def get_frames(self, indices: Sequence[int]) -> torch.Tensor:
-        """Frames at ``indices`` (any order, repeats allowed) as ``uint8 (len(indices), 3, H, W)`` RGB on CPU."""
+        """Frames at ``indices`` (any order, repeats allowed) as ``uint8 (len(indices), 3, H, W)`` RGB on
+        ``self.device``."""
         if self._container is None:
             raise DecodeError(f"{self.path}: reader is closed")
         idx = _check_indices(indices, self.num_frames, self.path)
         if not idx:
-            return torch.empty((0, 3, self.height, self.width), dtype=torch.uint8)
+            return torch.empty((0, 3, self.height, self.width), dtype=torch.uint8, device=self.device)
         unique = sorted(set(idx))
         decoded = self._decode_sorted(unique)
-        arr = torch.from_numpy(np.stack([decoded[i] for i in unique]))  # (U, H, W, 3)
+        if self._hwaccel is not None:
+            arr = torch.stack([decoded[i] for i in unique])  # (U, H, W, 3) on the GPU
+        else:
+            arr = torch.from_numpy(np.stack([decoded[i] for i in unique]))  # (U, H, W, 3)
         arr = _rotate_thwc(arr, self._rotation or 0)
         return rearrange(_reorder(arr, unique, idx), "t h w c -> t c h w")
 
@@ -598,7 +685,8 @@ class PyAVReader:
             pass
 
     def __repr__(self) -> str:
-        return f"PyAVReader({self.path!r}, num_frames={self.num_frames}, fps={self.fps})"
+        dev = f", device={str(self.device)!r}" if self._hwaccel is not None else ""
+        return f"PyAVReader({self.path!r}, num_frames={self.num_frames}, fps={self.fps}{dev})"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -763,8 +851,12 @@ def resolve_backend(backend: str = "auto", *, device: str | torch.device = "cpu"
     dev = torch.device(device)
     if backend == "auto":
         if dev.type == "cuda":
-            _load_backend("torchcodec")
-            return "torchcodec"
+            names = available_backends(device=dev)
+            if not names:
+                raise BackendUnavailableError(
+                    f"no NVDEC decoder for device={str(dev)!r}: needs a visible CUDA GPU and PyAV's FFmpeg with the "
+                    f"CUDA hwaccel, or torchcodec's CUDA build ({INSTALL_HINTS['torchcodec']})")
+            return names[0]
         for name in AUTO_ORDER:
             try:
                 _load_backend(name)
@@ -774,8 +866,8 @@ def resolve_backend(backend: str = "auto", *, device: str | torch.device = "cpu"
         raise BackendUnavailableError(f"no video decoding backend is installed: {INSTALL_HINTS['pyav']}")
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {('auto',) + BACKENDS}, got {backend!r}")
-    if dev.type == "cuda" and backend != "torchcodec":
-        raise ValueError(f"backend {backend!r} decodes on CPU only; use backend='torchcodec' for device={str(dev)!r}")
+    if dev.type == "cuda" and backend == "decord":
+        raise ValueError(f"backend 'decord' decodes on CPU only; use 'pyav' or 'torchcodec' for device={str(dev)!r}")
     _load_backend(backend)
     return backend
 
@@ -794,7 +886,7 @@ def open_video(
     Args:
         path: video file (mp4, mkv, webm, avi, ...). Frame folders are opened by ``vidssl.io.frames``.
         backend: ``"auto"``, ``"pyav"``, ``"torchcodec"`` or ``"decord"``.
-        device: ``"cpu"``, or ``"cuda[:N]"`` for NVDEC decoding (torchcodec only).
+        device: ``"cpu"``, or ``"cuda[:N]"`` for NVDEC decoding (PyAV's FFmpeg hwaccel or torchcodec's CUDA build).
         threads: decoder threads (default 1: parallelism comes from DataLoader workers; 0 = FFmpeg's choice).
         seek_mode: ``"exact"`` (frame count and index -> timestamp map from a packet scan at open) or
             ``"approximate"`` (from the header; faster to open, may be off on variable-frame-rate files).
@@ -814,7 +906,7 @@ def open_video(
     _check_path(path)
     name = resolve_backend(backend, device=dev)
     if name == "pyav":
-        return PyAVReader(path, threads=threads, thread_type=thread_type, seek_mode=seek_mode)
+        return PyAVReader(path, threads=threads, thread_type=thread_type, seek_mode=seek_mode, device=dev)
     if name == "torchcodec":
         return TorchCodecReader(path, device=dev, threads=threads, seek_mode=seek_mode)
     return DecordReader(path, threads=threads)
