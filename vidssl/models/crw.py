@@ -50,14 +50,17 @@ def jitter_patches(patches: torch.Tensor, *, scale: tuple[float, float], ratio: 
     flat = patches.reshape(-1, C, P, P)  # m c p p
     m = flat.shape[0]
     dev = flat.device
-    area = torch.empty(m).uniform_(scale[0], scale[1], generator=generator) * P * P
-    log_r = torch.empty(m).uniform_(*[float(torch.log(torch.tensor(r))) for r in ratio], generator=generator)
+    rdev = generator.device if generator is not None else dev  # draw where the generator lives (CPU or CUDA)
+    area = torch.empty(m, device=rdev).uniform_(scale[0], scale[1], generator=generator) * P * P
+    log_r = torch.empty(m, device=rdev).uniform_(*[float(torch.log(torch.tensor(r))) for r in ratio],
+                                                 generator=generator)
     aspect = torch.exp(log_r)
     w = torch.sqrt(area * aspect).clamp(1, P)
     h = torch.sqrt(area / aspect).clamp(1, P)
-    x0 = torch.rand(m, generator=generator) * (P - w)
-    y0 = torch.rand(m, generator=generator) * (P - h)
-    boxes = torch.stack([torch.arange(m, dtype=torch.float32), x0, y0, x0 + w, y0 + h], dim=1).to(dev, flat.dtype)
+    x0 = torch.rand(m, generator=generator, device=rdev) * (P - w)
+    y0 = torch.rand(m, generator=generator, device=rdev) * (P - h)
+    index = torch.arange(m, dtype=torch.float32, device=rdev)
+    boxes = torch.stack([index, x0, y0, x0 + w, y0 + h], dim=1).to(dev, flat.dtype)  # (m, 5)
     out = roi_align(flat, boxes, output_size=(P, P), spatial_scale=1.0, sampling_ratio=1, aligned=True)
     return out.reshape(*lead, C, P, P)
 
