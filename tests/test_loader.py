@@ -275,3 +275,53 @@ def test_real_davis_sample_split(tmp_path):
     assert len(loader.dataset) == 12 and len(loader) == 3
     b = next(iter(loader))
     assert b["video"].shape == (4, 2, 3, 32, 32) and (b["frames"][:, 1] - b["frames"][:, 0] == 4).all()
+
+
+def test_reader_cache_reuses_decoders_and_changes_nothing(tmp_path, monkeypatch):
+    import pickle
+
+    import vidssl.io.readers as readers
+    from vidssl.data.datasets import ClipDataset
+    from vidssl.data.manifest import build_manifest, load_manifest
+
+    vids = tmp_path / "videos"
+    for v, n in enumerate((9, 12, 10)):
+        write_mp4(vids / f"v{v}.mp4", n, seed=v)
+    build_manifest(vids, tmp_path / "m.jsonl")
+    entries = load_manifest(tmp_path / "m.jsonl")
+    opened, closed = [], []
+    real_open = readers.open_reader
+
+    def counting_open(path, **kw):
+        r = real_open(path, **kw)
+        opened.append(Path(path).stem)
+        real_close, done = r.close, []
+
+        def close():  # count the first close of each reader (__del__ calls it again)
+            if not done:
+                done.append(1)
+                closed.append(Path(path).stem)
+            real_close()
+        r.close = close
+        return r
+
+    monkeypatch.setattr(readers, "open_reader", counting_open)
+    kw = dict(clip_len=3, stride=2, clips_per_video=4, seed=0, backend="pyav")
+    plain = ClipDataset(entries, **kw)
+    cached = ClipDataset(entries, reader_cache=2, **kw)
+    order = [0, 1, 4, 2, 8, 3, 5, 9]  # videos 0 0 1 0 2 0 1 2
+    want = [plain.load_clip(i).frames for i in order]
+    assert len(opened) == len(order) == len(closed)  # one decoder per item without a cache
+    opened.clear(), closed.clear()
+    got = [cached.load_clip(i).frames for i in order]
+    assert all(torch.equal(a, b) for a, b in zip(want, got))
+    # LRU of 2: v0 v1 (v0 hit) | v2 evicts v1 | v0 hit | v1 evicts v2 | v2 evicts v0
+    assert opened == ["v0", "v1", "v2", "v1", "v2"] and closed == ["v1", "v2", "v0"]
+    clone = pickle.loads(pickle.dumps(cached))  # e.g. a spawned worker: no decoders travel
+    assert len(clone._readers) == 0 and len(cached._readers) == 2
+    cached.close()
+    assert len(cached._readers) == 0 and sorted(closed) == ["v0", "v1", "v1", "v2", "v2"]
+    with pytest.raises(ValueError, match="reader_cache"):
+        ClipDataset(entries, reader_cache=-1, **kw)
+    with pytest.raises(ConfigError, match="reader_cache"):
+        DataConfig(source="video", root=str(vids), reader_cache=-1).validate()

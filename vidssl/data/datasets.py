@@ -15,6 +15,8 @@ failed once are remembered by the dataset copy and skipped at once afterwards (s
 from __future__ import annotations
 
 import hashlib
+import os
+from collections import OrderedDict
 import logging
 from dataclasses import dataclass
 from typing import Sequence
@@ -85,6 +87,10 @@ class ClipDataset(Dataset):
             S, S)``; jitter and normalisation are then the caller's (e.g. on the GPU).
         device: where readers decode (``"cuda"``: nvjpeg / NVDEC; only in the main process).
         num_shots: shots per item for ``sampler="shots"``.
+        reader_cache: keep up to this many readers open (least recently used closed first) instead of opening one
+            per item: for the GPU path in the main process, where opening an NVDEC decoder costs more than a clip.
+            ``0`` (default) opens one per item, which is what DataLoader workers must do (the cache is dropped in a
+            forked or unpickled copy, never shared).
 
     Items: ``{"video": (T', 3, S, S) float32 (or uint8), "index": int, "frames": int64 (T',), "skipped": int,
     "video_index": int}`` with ``T' = clip_len`` (``num_shots * clip_len`` for ``"shots"``).
@@ -93,7 +99,7 @@ class ClipDataset(Dataset):
     def __init__(self, entries: Sequence[VideoEntry], *, clip_len: int, stride: int = 1, sampler: str = "random",
                  clips_per_video: int = 1, transform: ClipTransform | None = None, seed: int = 0,
                  backend: str = "auto", decode_threads: int = 1, max_retries: int = 3, return_uint8: bool = False,
-                 device: str | torch.device = "cpu", num_shots: int = 1) -> None:
+                 device: str | torch.device = "cpu", num_shots: int = 1, reader_cache: int = 0) -> None:
         if not entries:
             raise ValueError("entries: no videos to read (empty index)")
         if sampler not in SAMPLERS:
@@ -105,6 +111,8 @@ class ClipDataset(Dataset):
             raise ValueError(f"clip_len: sampler 'pair' returns 2 frames, got clip_len={clip_len}")
         if max_retries < 1:
             raise ValueError(f"max_retries: must be >= 1, got {max_retries}")
+        if reader_cache < 0:
+            raise ValueError(f"reader_cache: must be >= 0, got {reader_cache}")
         self.entries = list(entries)
         self.clip_len = clip_len
         self.stride = stride
@@ -118,12 +126,50 @@ class ClipDataset(Dataset):
         self.return_uint8 = return_uint8
         self.device = torch.device(device)
         self.num_shots = num_shots
+        self.reader_cache = reader_cache
+        self._readers: OrderedDict[int, object] = OrderedDict()  # video index -> open reader (LRU order)
+        self._readers_pid = os.getpid()
         self.epoch = 0
         self.skipped = 0  #: videos skipped by this copy of the dataset (per process)
         self._bad: set[int] = set()
 
     def __len__(self) -> int:
         return len(self.entries) * self.clips_per_video
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_readers"] = OrderedDict()  # decoders never travel to another process
+        return state
+
+    def _open(self, v: int):
+        """A reader of video ``v``: from the cache when enabled (this process's own), else a new one."""
+        from vidssl.io.readers import open_reader
+
+        if self._readers_pid != os.getpid():  # a forked copy: the parent's decoders are not ours to use or close
+            self._readers = OrderedDict()
+            self._readers_pid = os.getpid()
+        if self.reader_cache and v in self._readers:
+            self._readers.move_to_end(v)
+            return self._readers[v]
+        reader = open_reader(self.entries[v].path, backend=self.backend, device=self.device,
+                             threads=self.decode_threads)
+        if self.reader_cache:
+            self._readers[v] = reader
+            while len(self._readers) > self.reader_cache:
+                self._readers.popitem(last=False)[1].close()
+        return reader
+
+    def _release(self, v: int, reader, *, failed: bool) -> None:
+        if not self.reader_cache:
+            reader.close()
+        elif failed and self._readers.get(v) is reader:
+            del self._readers[v]
+            reader.close()
+
+    def close(self) -> None:
+        """Close the cached readers (no-op without a cache)."""
+        while self._readers:
+            self._readers.popitem()[1].close()
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose randomness items use (call before creating the DataLoader iterator)."""
@@ -150,8 +196,6 @@ class ClipDataset(Dataset):
 
     def load_clip(self, index: int) -> LoadedClip:
         """Decode the frames of item ``index`` (retrying, then skipping unreadable videos)."""
-        from vidssl.io.readers import open_reader
-
         if not 0 <= index < len(self):
             raise IndexError(f"item {index} out of range ({len(self)} items)")
         first, clip = divmod(index, self.clips_per_video)
@@ -167,11 +211,11 @@ class ClipDataset(Dataset):
             for _ in range(self.max_retries):
                 g = item_generator(self.seed, self.epoch, index)
                 try:
-                    reader = open_reader(entry.path, backend=self.backend, device=self.device,
-                                         threads=self.decode_threads)
+                    reader = self._open(v)
                 except (DecodeError, OSError) as exc:
                     error = exc
                     continue
+                failed = True
                 try:
                     n = reader.num_frames
                     if self.sampler == "shots":
@@ -179,11 +223,12 @@ class ClipDataset(Dataset):
                     else:
                         ids = self.frame_indices(n, clip, g)
                     frames = reader.get_frames(ids)
+                    failed = False
                 except (DecodeError, OSError) as exc:
                     error = exc
                     continue
                 finally:
-                    reader.close()
+                    self._release(v, reader, failed=failed)
                 return LoadedClip(frames=frames, indices=ids, generator=g, video=v, skipped=skipped)
             self._bad.add(v)
             skipped += 1

@@ -304,7 +304,7 @@ def build_loader(cfg: DataConfig, *, batch_size: int, seed: int, rank: int = 0, 
         if cfg.num_workers:
             _log.info("data.device=cuda: decoding on %s in the main process; num_workers %d -> 0", dev,
                       cfg.num_workers)
-        dataset = ClipDataset(entries, transform=None, device=dev, **common)
+        dataset = ClipDataset(entries, transform=None, device=dev, reader_cache=cfg.reader_cache, **common)
         return ClipLoader(dataset, batch_size=batch_size, seed=seed, rank=rank, world_size=world_size, device=dev,
                           num_workers=0, gpu_augment=BatchClipAugment.from_config(cfg), drop_last=drop_last)
     dataset = ClipDataset(entries, transform=transform, device="cpu", **common)
