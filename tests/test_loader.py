@@ -325,3 +325,62 @@ def test_reader_cache_reuses_decoders_and_changes_nothing(tmp_path, monkeypatch)
         ClipDataset(entries, reader_cache=-1, **kw)
     with pytest.raises(ConfigError, match="reader_cache"):
         DataConfig(source="video", root=str(vids), reader_cache=-1).validate()
+
+
+def test_keyframe_aligned_clips_start_on_keyframes(tmp_path):
+    from vidssl.data.datasets import ClipDataset
+    from vidssl.data.manifest import VideoEntry
+    from vidssl.data.synthetic import decode_frame_index, frame_index_video
+    from vidssl.data.synthetic import write_mp4 as write_h264
+    from vidssl.io import open_video
+
+    path = write_h264(tmp_path / "g10.mp4", frame_index_video(40, 64, 64), gop=10)
+    with open_video(path, backend="pyav") as r:
+        keys = r.keyframe_indices  # x264 may add scene-cut keyframes to the interval-10 ones
+    assert len(keys) >= 4 and keys[0] == 0
+    entry = VideoEntry(name="g10", path=str(path), kind="video", num_frames=40)
+    ds = ClipDataset([entry], clip_len=8, stride=1, clips_per_video=40, keyframe_aligned=True, backend="pyav")
+    starts = set()
+    for i in range(40):
+        clip = ds.load_clip(i)
+        assert clip.indices == list(range(clip.indices[0], clip.indices[0] + 8))
+        assert [decode_frame_index(f) for f in clip.frames.permute(0, 2, 3, 1).numpy()] == clip.indices
+        starts.add(clip.indices[0])
+    assert starts == {k for k in keys if k <= 40 - 8}
+    plain = ClipDataset([entry], clip_len=8, stride=1, clips_per_video=40, backend="pyav")
+    assert len({plain.load_clip(i).indices[0] for i in range(40)}) > 4  # the default draws any start
+    with pytest.raises(ValueError, match="keyframe_aligned"):
+        ClipDataset([entry], clip_len=8, sampler="uniform", keyframe_aligned=True)
+    with pytest.raises(ConfigError, match="keyframe_aligned"):
+        DataConfig(source="video", root=str(tmp_path), sampler="uniform", keyframe_aligned=True).validate()
+
+
+def test_threaded_gpu_path_loader_is_deterministic_on_cpu(tmp_path):
+    """The GPU path's loop (threads + pooled readers + batched augmentation) run on the CPU: batches do not depend
+    on the number of decode threads or on the reader pool."""
+    from vidssl.data.datasets import ClipDataset
+    from vidssl.data.loader import ClipLoader
+    from vidssl.data.manifest import build_manifest, load_manifest
+    from vidssl.data.transforms import BatchClipAugment
+
+    vids = tmp_path / "videos"
+    for v, n in enumerate((9, 12, 10, 8)):
+        write_mp4(vids / f"v{v}.mp4", n, seed=v)
+    build_manifest(vids, tmp_path / "m.jsonl")
+    entries = load_manifest(tmp_path / "m.jsonl")
+    cfg = DataConfig(source="video", root=str(vids), clip_len=3, stride=2, crop_size=16, flip=0.5, color_jitter=0.3)
+    runs = []
+    for threads, cache in [(1, 0), (3, 2), (4, 16)]:
+        ds = ClipDataset(entries, clip_len=3, stride=2, clips_per_video=3, seed=1, backend="pyav",
+                         reader_cache=cache)
+        loader = ClipLoader(ds, batch_size=4, seed=1, gpu_augment=BatchClipAugment.from_config(cfg),
+                            gpu_threads=threads)
+        runs.append(epoch(loader, 2))
+        ds.close()
+    assert len(runs[0]) == 3
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other):
+            assert torch.equal(a["index"], b["index"]) and torch.equal(a["frames"], b["frames"])
+            assert torch.equal(a["video"], b["video"])
+    with pytest.raises(ValueError, match="gpu_threads"):
+        ClipLoader(ds, batch_size=4, seed=1, gpu_augment=BatchClipAugment.from_config(cfg), gpu_threads=0)

@@ -41,6 +41,12 @@ class DataConfig:
     #: GPU path only: open decoders kept per process (LRU) instead of one per item; an NVDEC decoder costs ~250 ms to
     #: open on an H200, so small sets of long videos decode far faster with it (CPU workers always open one per item)
     reader_cache: int = 64
+    #: GPU path only: clips decoded concurrently by threads of the main process (NVDEC / nvjpeg engines run in
+    #: parallel); the next batch is decoded while the current one trains
+    gpu_decode_threads: int = 4
+    #: random clips start only on keyframes of encoded videos: nothing before the clip is decoded (faster), but the
+    #: sampling distribution changes (starts every keyframe interval only); off by default
+    keyframe_aligned: bool = False
     # synthetic source
     synth_videos: int = 16
     synth_frames: int = 16
@@ -67,5 +73,9 @@ class DataConfig:
             raise ConfigError(f"{p}root: required for source={self.source!r} (a dataset folder)")
         if self.num_workers < 0:
             raise ConfigError(f"{p}num_workers: must be >= 0")
+        if self.keyframe_aligned and self.sampler != "random":
+            raise ConfigError(f"{p}keyframe_aligned: applies to sampler 'random' only, got sampler={self.sampler!r}")
+        if self.gpu_decode_threads < 1:
+            raise ConfigError(f"{p}gpu_decode_threads: must be >= 1, got {self.gpu_decode_threads}")
         if self.reader_cache < 0:
             raise ConfigError(f"{p}reader_cache: must be >= 0 (0 opens a decoder per item), got {self.reader_cache}")

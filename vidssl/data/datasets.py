@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 from collections import OrderedDict
 import logging
 from dataclasses import dataclass
@@ -87,10 +88,13 @@ class ClipDataset(Dataset):
             S, S)``; jitter and normalisation are then the caller's (e.g. on the GPU).
         device: where readers decode (``"cuda"``: nvjpeg / NVDEC; only in the main process).
         num_shots: shots per item for ``sampler="shots"``.
-        reader_cache: keep up to this many readers open (least recently used closed first) instead of opening one
-            per item: for the GPU path in the main process, where opening an NVDEC decoder costs more than a clip.
-            ``0`` (default) opens one per item, which is what DataLoader workers must do (the cache is dropped in a
-            forked or unpickled copy, never shared).
+        keyframe_aligned: ``sampler="random"`` only: start every clip on a keyframe of the video
+            (:func:`~vidssl.data.samplers.keyframe_clip`), so no frame before the clip is decoded. Changes the
+            sampling distribution (starts only on keyframes); off by default. Frame folders are unaffected.
+        reader_cache: keep up to this many idle readers open (least recently used closed first) instead of
+            opening one per item: for the GPU path in the main process, where opening an NVDEC decoder costs more
+            than a clip. Thread-safe (a reader is used by one thread at a time). ``0`` (default) opens one per item,
+            which is what DataLoader workers do (the pool is dropped in a forked or unpickled copy, never shared).
 
     Items: ``{"video": (T', 3, S, S) float32 (or uint8), "index": int, "frames": int64 (T',), "skipped": int,
     "video_index": int}`` with ``T' = clip_len`` (``num_shots * clip_len`` for ``"shots"``).
@@ -99,7 +103,8 @@ class ClipDataset(Dataset):
     def __init__(self, entries: Sequence[VideoEntry], *, clip_len: int, stride: int = 1, sampler: str = "random",
                  clips_per_video: int = 1, transform: ClipTransform | None = None, seed: int = 0,
                  backend: str = "auto", decode_threads: int = 1, max_retries: int = 3, return_uint8: bool = False,
-                 device: str | torch.device = "cpu", num_shots: int = 1, reader_cache: int = 0) -> None:
+                 device: str | torch.device = "cpu", num_shots: int = 1, reader_cache: int = 0,
+                 keyframe_aligned: bool = False) -> None:
         if not entries:
             raise ValueError("entries: no videos to read (empty index)")
         if sampler not in SAMPLERS:
@@ -111,6 +116,8 @@ class ClipDataset(Dataset):
             raise ValueError(f"clip_len: sampler 'pair' returns 2 frames, got clip_len={clip_len}")
         if max_retries < 1:
             raise ValueError(f"max_retries: must be >= 1, got {max_retries}")
+        if keyframe_aligned and sampler != "random":
+            raise ValueError(f"keyframe_aligned: applies to sampler 'random' only, got sampler={sampler!r}")
         if reader_cache < 0:
             raise ValueError(f"reader_cache: must be >= 0, got {reader_cache}")
         self.entries = list(entries)
@@ -127,8 +134,11 @@ class ClipDataset(Dataset):
         self.device = torch.device(device)
         self.num_shots = num_shots
         self.reader_cache = reader_cache
-        self._readers: OrderedDict[int, object] = OrderedDict()  # video index -> open reader (LRU order)
+        self.keyframe_aligned = keyframe_aligned
+        self._readers: OrderedDict[tuple[int, int], object] = OrderedDict()  # (video, serial) -> idle reader, LRU
         self._readers_pid = os.getpid()
+        self._serial = 0
+        self._lock = threading.Lock()  # pool and skip bookkeeping (the GPU path loads clips from threads)
         self.epoch = 0
         self.skipped = 0  #: videos skipped by this copy of the dataset (per process)
         self._bad: set[int] = set()
@@ -139,45 +149,66 @@ class ClipDataset(Dataset):
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         state["_readers"] = OrderedDict()  # decoders never travel to another process
+        state["_lock"] = None
         return state
 
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
     def _open(self, v: int):
-        """A reader of video ``v``: from the cache when enabled (this process's own), else a new one."""
+        """A reader of video ``v``: an idle one from the pool when enabled (this process's own), else a new one.
+
+        The pool holds idle readers only, so threads never share one (several may hold readers of one video).
+        """
         from vidssl.io.readers import open_reader
 
-        if self._readers_pid != os.getpid():  # a forked copy: the parent's decoders are not ours to use or close
-            self._readers = OrderedDict()
-            self._readers_pid = os.getpid()
-        if self.reader_cache and v in self._readers:
-            self._readers.move_to_end(v)
-            return self._readers[v]
-        reader = open_reader(self.entries[v].path, backend=self.backend, device=self.device,
-                             threads=self.decode_threads)
         if self.reader_cache:
-            self._readers[v] = reader
-            while len(self._readers) > self.reader_cache:
-                self._readers.popitem(last=False)[1].close()
-        return reader
+            with self._lock:
+                if self._readers_pid != os.getpid():  # a forked copy: the parent's decoders are not ours
+                    self._readers = OrderedDict()
+                    self._readers_pid = os.getpid()
+                for key in reversed(self._readers):
+                    if key[0] == v:
+                        return self._readers.pop(key)
+        return open_reader(self.entries[v].path, backend=self.backend, device=self.device,
+                           threads=self.decode_threads)
 
     def _release(self, v: int, reader, *, failed: bool) -> None:
-        if not self.reader_cache:
+        """Return a reader after use: back to the pool (least recently used closed beyond the limit) or closed."""
+        if not self.reader_cache or failed:
             reader.close()
-        elif failed and self._readers.get(v) is reader:
-            del self._readers[v]
-            reader.close()
+            return
+        evicted = []
+        with self._lock:
+            if self._readers_pid != os.getpid():
+                reader.close()
+                return
+            self._serial += 1
+            self._readers[(v, self._serial)] = reader
+            while len(self._readers) > self.reader_cache:
+                evicted.append(self._readers.popitem(last=False)[1])
+        for r in evicted:
+            r.close()
 
     def close(self) -> None:
-        """Close the cached readers (no-op without a cache)."""
-        while self._readers:
-            self._readers.popitem()[1].close()
+        """Close the pooled readers (no-op without a pool)."""
+        with self._lock:
+            readers, self._readers = list(self._readers.values()), OrderedDict()
+        for r in readers:
+            r.close()
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose randomness items use (call before creating the DataLoader iterator)."""
         self.epoch = int(epoch)
 
-    def frame_indices(self, num_frames: int, clip: int, generator: torch.Generator) -> list[int]:
-        """Frame indices of clip number ``clip`` (``0 <= clip < clips_per_video``) of a ``num_frames`` video."""
+    def frame_indices(self, num_frames: int, clip: int, generator: torch.Generator,
+                      keyframes: Sequence[int] | None = None) -> list[int]:
+        """Frame indices of clip number ``clip`` (``0 <= clip < clips_per_video``) of a ``num_frames`` video
+        (``keyframes``: the video's keyframe indices, used by ``keyframe_aligned``)."""
         if self.sampler == "random":
+            if self.keyframe_aligned:
+                return samplers.keyframe_clip(num_frames, self.clip_len, self.stride, keyframes, generator)
             return samplers.random_clip(num_frames, self.clip_len, self.stride, generator)
         if self.sampler == "uniform":
             return samplers.uniform_clips(num_frames, self.clip_len, self.stride, self.clips_per_video)[clip]
@@ -204,7 +235,8 @@ class ClipDataset(Dataset):
             v = (first + hop) % len(self.entries)
             if v in self._bad:
                 skipped += 1
-                self.skipped += 1
+                with self._lock:
+                    self.skipped += 1
                 continue
             entry = self.entries[v]
             error: BaseException | None = None
@@ -221,7 +253,7 @@ class ClipDataset(Dataset):
                     if self.sampler == "shots":
                         ids = self._shot_indices(entry, n, g)
                     else:
-                        ids = self.frame_indices(n, clip, g)
+                        ids = self.frame_indices(n, clip, g, getattr(reader, "keyframe_indices", None))
                     frames = reader.get_frames(ids)
                     failed = False
                 except (DecodeError, OSError) as exc:
@@ -230,9 +262,10 @@ class ClipDataset(Dataset):
                 finally:
                     self._release(v, reader, failed=failed)
                 return LoadedClip(frames=frames, indices=ids, generator=g, video=v, skipped=skipped)
-            self._bad.add(v)
             skipped += 1
-            self.skipped += 1
+            with self._lock:
+                self._bad.add(v)
+                self.skipped += 1
             _log.warning("skipping video %s after %d failed attempt(s): %s", entry.path, self.max_retries, error)
         raise RuntimeError(f"no readable video among the {len(self.entries)} indexed (first: {self.entries[0].path})")
 

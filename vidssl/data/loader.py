@@ -190,12 +190,15 @@ class ClipLoader:
         num_workers: DataLoader worker processes (CPU path).
         gpu_augment: when given, the GPU path: items are decoded in this process on ``device`` and augmented in
             batches by it (the dataset must have ``transform=None`` and its readers on ``device``).
+        gpu_threads: GPU path: clips decoded concurrently by this many threads of this process (the GPU's decode
+            engines work in parallel and PyAV releases the GIL while decoding); the next batch is decoded while the
+            current one is used. The batches do not depend on it.
         drop_last: drop the last incomplete batch of an epoch.
     """
 
     def __init__(self, dataset: ClipDataset, *, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
                  device: str | torch.device = "cpu", num_workers: int = 0,
-                 gpu_augment: BatchClipAugment | None = None, drop_last: bool = True) -> None:
+                 gpu_augment: BatchClipAugment | None = None, drop_last: bool = True, gpu_threads: int = 1) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size: must be >= 1, got {batch_size}")
         if world_size < 1 or not 0 <= rank < world_size:
@@ -205,6 +208,9 @@ class ClipLoader:
         self.device = torch.device(device)
         self.num_workers = num_workers
         self.gpu_augment = gpu_augment
+        if gpu_threads < 1:
+            raise ValueError(f"gpu_threads: must be >= 1, got {gpu_threads}")
+        self.gpu_threads = gpu_threads
         self.drop_last = drop_last
         self.epoch = 0
         self.skipped = 0
@@ -251,23 +257,31 @@ class ClipLoader:
             yield batch
 
     def _iter_gpu(self) -> Iterator[dict]:
+        from concurrent.futures import ThreadPoolExecutor
+
         order = list(iter(self.sampler))
         stop = len(self) * self.batch_size
-        for start in range(0, stop, self.batch_size):
-            clips, params, items = [], [], []
-            for i in order[start:start + self.batch_size]:
-                clip = self.dataset.load_clip(i)  # frames uint8 (T, 3, H, W) on the device
-                t, _, h, w = clip.frames.shape
-                params.append(self.gpu_augment.sample_params(t, h, w, generator=clip.generator))
-                clips.append(clip.frames.to(self.device))
-                items.append({"index": i, "frames": torch.tensor(clip.indices, dtype=torch.int64),
-                              "skipped": clip.skipped, "video_index": clip.video})
-            video = self.gpu_augment(clips, params)  # (B, T, 3, S, S) float32 on the device
-            yield {"video": video,
-                   "index": torch.tensor([it["index"] for it in items], dtype=torch.int64),
-                   "frames": torch.stack([it["frames"] for it in items]),
-                   "skipped": torch.tensor([it["skipped"] for it in items], dtype=torch.int64),
-                   "video_index": torch.tensor([it["video_index"] for it in items], dtype=torch.int64)}
+        batches = [order[start:start + self.batch_size] for start in range(0, stop, self.batch_size)]
+        with ThreadPoolExecutor(max_workers=self.gpu_threads, thread_name_prefix="vidssl-decode") as pool:
+            pending = [pool.submit(self.dataset.load_clip, i) for i in batches[0]] if batches else []
+            for k, batch_ids in enumerate(batches):
+                loaded = [f.result() for f in pending]  # LoadedClip, frames uint8 (T, 3, H, W) on the device
+                pending = [pool.submit(self.dataset.load_clip, i) for i in batches[k + 1]] \
+                    if k + 1 < len(batches) else []  # decode the next batch while this one is used
+                yield self._gpu_batch(batch_ids, loaded)
+
+    def _gpu_batch(self, batch_ids: list[int], loaded: list) -> dict:
+        clips, params = [], []
+        for clip in loaded:
+            t, _, h, w = clip.frames.shape
+            params.append(self.gpu_augment.sample_params(t, h, w, generator=clip.generator))
+            clips.append(clip.frames.to(self.device))
+        video = self.gpu_augment(clips, params)  # (B, T, 3, S, S) float32 on the device
+        return {"video": video,
+                "index": torch.tensor(batch_ids, dtype=torch.int64),
+                "frames": torch.stack([torch.tensor(c.indices, dtype=torch.int64) for c in loaded]),
+                "skipped": torch.tensor([c.skipped for c in loaded], dtype=torch.int64),
+                "video_index": torch.tensor([c.video for c in loaded], dtype=torch.int64)}
 
 
 def build_loader(cfg: DataConfig, *, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
@@ -294,7 +308,8 @@ def build_loader(cfg: DataConfig, *, batch_size: int, seed: int, rank: int = 0, 
     transform = ClipTransform.from_config(cfg)
     common = dict(clip_len=cfg.clip_len, stride=cfg.stride, sampler=cfg.sampler,
                   clips_per_video=cfg.clips_per_video, seed=seed, backend=cfg.decoder,
-                  decode_threads=cfg.decode_threads, max_retries=cfg.max_retries)
+                  decode_threads=cfg.decode_threads, max_retries=cfg.max_retries,
+                  keyframe_aligned=cfg.keyframe_aligned)
     if cfg.device == "cuda":
         if not torch.cuda.is_available():
             raise ConfigError("data.device: 'cuda' but CUDA is not available (use data.device=cpu)")
@@ -306,6 +321,7 @@ def build_loader(cfg: DataConfig, *, batch_size: int, seed: int, rank: int = 0, 
                       cfg.num_workers)
         dataset = ClipDataset(entries, transform=None, device=dev, reader_cache=cfg.reader_cache, **common)
         return ClipLoader(dataset, batch_size=batch_size, seed=seed, rank=rank, world_size=world_size, device=dev,
+                          gpu_threads=cfg.gpu_decode_threads,
                           num_workers=0, gpu_augment=BatchClipAugment.from_config(cfg), drop_last=drop_last)
     dataset = ClipDataset(entries, transform=transform, device="cpu", **common)
     return ClipLoader(dataset, batch_size=batch_size, seed=seed, rank=rank, world_size=world_size, device=device,

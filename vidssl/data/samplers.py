@@ -66,6 +66,23 @@ def random_clip(num_frames: int, clip_len: int, stride: int, generator: torch.Ge
     return clip_at(num_frames, start, clip_len, stride)
 
 
+def keyframe_clip(num_frames: int, clip_len: int, stride: int, keyframes: Sequence[int] | None,
+                  generator: torch.Generator | None = None) -> list[int]:
+    """One clip whose start is a uniformly drawn keyframe (among those a whole clip fits after).
+
+    A different sampling distribution from :func:`random_clip`: starts fall only on keyframes (every 30th frame
+    of a video encoded with a keyframe interval of 30), in exchange for decoding no frames before the clip. Without
+    keyframe information (``None``: frame folders, untimed streams), or when no keyframe leaves room for a clip,
+    this is :func:`random_clip`.
+    """
+    n = num_clip_starts(num_frames, clip_len, stride)
+    starts = [k for k in (keyframes or []) if 0 <= k < n]
+    if not starts:
+        return random_clip(num_frames, clip_len, stride, generator)
+    start = starts[int(torch.randint(len(starts), (1,), generator=generator))]
+    return clip_at(num_frames, start, clip_len, stride)
+
+
 def uniform_clips(num_frames: int, clip_len: int, stride: int, num_clips: int) -> list[list[int]]:
     """``num_clips`` clips with starts spread evenly over the video (deterministic; evaluation)."""
     if num_clips < 1:
