@@ -174,3 +174,19 @@ def test_shot_frames_any_order_sorted_in_time():
         groups = S.shot_frames(shots, 2, 3, gen(s), consecutive_shots=False)
         firsts = [g[0] for g in groups]
         assert firsts == sorted(firsts) and len({f // 5 for f in firsts}) == 3
+
+
+def test_keyframe_clip_starts_only_on_keyframes_that_leave_room():
+    g = torch.Generator().manual_seed(0)
+    keys = [0, 30, 60, 90]
+    starts = {S.keyframe_clip(100, 8, 2, keys, g)[0] for _ in range(200)}
+    assert starts == {0, 30, 60}  # 90 + 15 > 100: no room for 8 frames at stride 2
+    clip = S.keyframe_clip(100, 8, 2, keys, torch.Generator().manual_seed(1))
+    assert clip == list(range(clip[0], clip[0] + 16, 2))
+    # the same generator state gives the same clip
+    a = S.keyframe_clip(100, 8, 2, keys, torch.Generator().manual_seed(5))
+    assert a == S.keyframe_clip(100, 8, 2, keys, torch.Generator().manual_seed(5))
+    # no keyframe information, or none that fits: the ordinary random clip (same draw)
+    for none in (None, [], [95]):
+        assert S.keyframe_clip(100, 8, 2, none, torch.Generator().manual_seed(3)) == \
+            S.random_clip(100, 8, 2, torch.Generator().manual_seed(3))
