@@ -107,3 +107,14 @@ def test_crw_loss_falls_when_overfitting_one_clip():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0], losses
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_crw_step_on_cuda_with_a_cuda_generator():
+    """The trainer seeds a generator on the model's device; patch jitter and edge dropout must draw from it."""
+    dev = torch.device("cuda")
+    model = CRW(build_encoder("resnet18"), temperature=0.05, edge_dropout=0.1).to(dev)
+    g = torch.Generator(device=dev).manual_seed(0)
+    loss, logs = model({"video": torch.randn(2, 4, 3, 128, 128, device=dev)}, generator=g)
+    loss.backward()
+    assert torch.isfinite(loss) and loss.device.type == "cuda"
