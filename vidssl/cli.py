@@ -191,6 +191,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         from vidssl.io.video import available_backends
 
         print(f"  video decoders: {', '.join(available_backends()) or 'none'}")
+        if torch.cuda.is_available():
+            print(f"  NVDEC decoders (data.device=cuda): {', '.join(available_backends(device='cuda')) or 'none'}")
     except ImportError:
         pass
     print(f"  cpu threads: {torch.get_num_threads()}")

@@ -38,8 +38,8 @@ class DataConfig:
     device: Literal["cpu", "cuda"] = "cpu"  #: where decoding and augmentation run (cuda: main process, batched)
     num_workers: int = 0
     max_retries: int = 3  #: decode attempts on a failing file before it is skipped and counted
-    #: GPU path only: open decoders kept per process (LRU) instead of one per item; an NVDEC decoder costs ~250 ms to
-    #: open on an H200, so small sets of long videos decode far faster with it (CPU workers always open one per item)
+    #: GPU path only: idle decoders kept open per process (LRU) instead of one per item; an NVDEC decoder costs
+    #: ~160 ms to open on an H200 (a CPU one ~25 ms), so reuse pays (CPU workers always open one per item)
     reader_cache: int = 64
     #: GPU path only: clips decoded concurrently by threads of the main process (NVDEC / nvjpeg engines run in
     #: parallel); the next batch is decoded while the current one trains
