@@ -21,12 +21,7 @@ from vidssl.evaluation.features import (
 from vidssl.evaluation.presets import get_preset
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _pixel(r: float, g: float, b: float) -> torch.Tensor:

@@ -28,12 +28,7 @@ from vidssl.io.images import DAVIS_PALETTE
 H, W, SIDE = 48, 72, 12
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _square_positions(t: int) -> list[tuple[int, int]]:
