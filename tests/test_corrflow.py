@@ -4,26 +4,13 @@ import math
 
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from vidssl.losses.reconstruction import colour_nll, kmeans, log_bilinear_upsample, quantise_ab
 from vidssl.models.corrflow import CorrFlow, colour_jitter_frames, input_rgb, rgb_channel_dropout
 from vidssl.models.mast_encoder import MASTEncoder
 
-
-class TinyEncoder(nn.Module):
-    """A fast stride-4 stand-in for the CorrFlow/MAST ResNet (same interface)."""
-
-    def __init__(self, channels: int = 16) -> None:
-        super().__init__()
-        self.net = nn.Sequential(nn.Conv2d(3, 32, 3, 2, 1, bias=False), nn.BatchNorm2d(32), nn.ReLU(),
-                                 nn.Conv2d(32, 32, 3, 2, 1, bias=False), nn.BatchNorm2d(32), nn.ReLU(),
-                                 nn.Conv2d(32, channels, 3, 1, 1))
-        self.stride, self.out_channels = 4, channels
-
-    def forward(self, x):
-        return self.net(x)
+from tiny_encoder import TinyEncoder  # tests/tiny_encoder.py
 
 
 def moving_texture_clip(frames: int = 3, size: int = 32, shift: int = 2, block: int = 8, seed: int = 0

@@ -5,7 +5,6 @@ import math
 
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from vidssl.evaluation.mast_propagation import mast_propagate_frame
@@ -14,21 +13,7 @@ from vidssl.models.local_attention import expected_offset
 from vidssl.models.mast import MAST, lab_channel_dropout
 from vidssl.models.mast_encoder import MASTEncoder
 
-
-class TinyEncoder(nn.Module):
-    """A fast stride-4 stand-in for the MAST ResNet (records its inputs)."""
-
-    def __init__(self, channels: int = 16) -> None:
-        super().__init__()
-        self.net = nn.Sequential(nn.Conv2d(3, 32, 3, 2, 1, bias=False), nn.BatchNorm2d(32), nn.ReLU(),
-                                 nn.Conv2d(32, 32, 3, 2, 1, bias=False), nn.BatchNorm2d(32), nn.ReLU(),
-                                 nn.Conv2d(32, channels, 3, 1, 1))
-        self.stride, self.out_channels = 4, channels
-        self.seen: list[torch.Tensor] = []
-
-    def forward(self, x):
-        self.seen.append(x.detach().clone())
-        return self.net(x)
+from tiny_encoder import TinyEncoder  # tests/tiny_encoder.py
 
 
 def colour_blocks(frames: int, size: int = 32, shift: int = 2, block: int = 8, seed: int = 0) -> torch.Tensor:
