@@ -97,6 +97,11 @@ def scaled_size(height: int, width: int, *, short_side: int, align: int = 2) -> 
 # per-video work (runs in worker processes)
 
 
+def _upright_hw(frame, rotation: int) -> tuple[int, int]:
+    """``(height, width)`` of ``frame`` as displayed, after its ``rotation`` (degrees)."""
+    return (frame.width, frame.height) if rotation % 180 else (frame.height, frame.width)
+
+
 def _rotate(rgb: np.ndarray, rotation: int) -> np.ndarray:
     """Rotate ``rgb: (H, W, 3)`` counter-clockwise by ``rotation`` degrees (multiple of 90)."""
     k = (int(round(rotation / 90)) % 4)
@@ -131,10 +136,7 @@ def reencode_video(src: str | os.PathLike, dst: str | os.PathLike, *, short_side
                 for frame in inp.decode(ist):
                     rotation = getattr(frame, "rotation", 0) or 0
                     if ost is None:
-                        h, w = frame.height, frame.width
-                        if rotation % 180:
-                            h, w = w, h
-                        size = scaled_size(h, w, short_side=short_side, align=align)
+                        size = scaled_size(*_upright_hw(frame, rotation), short_side=short_side, align=align)
                         ost = outc.add_stream("libx264", rate=rate)
                         ost.height, ost.width = size
                         ost.pix_fmt = "yuv420p"
@@ -195,10 +197,7 @@ def extract_frames(src: str | os.PathLike, dst_dir: str | os.PathLike, *, short_
             for frame in inp.decode(ist):
                 rotation = getattr(frame, "rotation", 0) or 0
                 if size is None:
-                    h, w = frame.height, frame.width
-                    if rotation % 180:
-                        h, w = w, h
-                    size = scaled_size(h, w, short_side=short_side, align=align)
+                    size = scaled_size(*_upright_hw(frame, rotation), short_side=short_side, align=align)
                 if rotation % 360:
                     rgb = _rotate(frame.to_ndarray(format="rgb24"), rotation)
                     rgb = av.VideoFrame.from_ndarray(rgb, format="rgb24").reformat(
