@@ -9,7 +9,8 @@ Built-ins:
 
 * :class:`EncoderFeatures` -- a :class:`~vidssl.models.encoders.ResNetEncoder` cut at a stage (CRW: ``layer3``,
   stride 8); :func:`build_encoder_features` makes a seeded random-init or torchvision-weights ResNet-18/34/50.
-* :class:`LabFeatures` -- raw-pixel CIE Lab averaged over ``stride x stride`` cells (a learning-free baseline).
+* :class:`LabFeatures` -- raw-pixel CIE Lab (:func:`vidssl.models.lab.rgb_to_lab`, the conversion MAST trains with)
+  averaged over ``stride x stride`` cells (a learning-free baseline).
 
 Output size of both: ``(ceil(H'/s), ceil(W'/s))`` for a resized frame ``(H', W')`` and stride ``s``.
 """
@@ -23,10 +24,9 @@ from typing import Any, Literal, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
-from einops import einsum
-
 from vidssl.evaluation.presets import IMAGENET_MEAN, IMAGENET_STD, PropagationConfig
 from vidssl.models.encoders import ENCODERS, ResNetEncoder, build_encoder
+from vidssl.models.lab import normalise_lab, rgb_to_lab
 
 ResizePolicy = Literal["native", "short_floor"]
 
@@ -39,7 +39,6 @@ __all__ = [
     "load_weights_file",
     "resize_frames",
     "resized_size",
-    "rgb_to_lab",
 ]
 
 
@@ -112,37 +111,6 @@ def resize_frames(frames: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return x
 
 
-_SRGB_TO_XYZ = ((0.412453, 0.357580, 0.180423),
-                (0.212671, 0.715160, 0.072169),
-                (0.019334, 0.119193, 0.950227))
-_D65_WHITE = (0.95047, 1.0, 1.08883)
-
-
-def rgb_to_lab(rgb: torch.Tensor) -> torch.Tensor:
-    """sRGB in ``[0, 1]`` -> CIE L*a*b* (D65), channel dim 1 or 0.
-
-    Args:
-        rgb: ``(N, 3, H, W)`` or ``(3, H, W)`` float in ``[0, 1]``.
-
-    Returns:
-        same shape; ``L`` in ``[0, 100]``, ``a``/``b`` roughly in ``[-128, 128]`` (white = (100, 0, 0)).
-    """
-    squeeze = rgb.ndim == 3
-    x = rgb[None] if squeeze else rgb
-    if x.ndim != 4 or x.shape[1] != 3:
-        raise ValueError(f"rgb: expected (N, 3, H, W) or (3, H, W), got shape {tuple(rgb.shape)}")
-    x = x.float().clamp(0.0, 1.0)
-    linear = torch.where(x > 0.04045, ((x + 0.055) / 1.055) ** 2.4, x / 12.92)
-    matrix = torch.tensor(_SRGB_TO_XYZ, dtype=torch.float32, device=x.device)
-    white = torch.tensor(_D65_WHITE, dtype=torch.float32, device=x.device)
-    xyz = einsum(matrix, linear, "o i, n i h w -> n o h w") / white[None, :, None, None]
-    delta = 6.0 / 29.0
-    f = torch.where(xyz > delta**3, xyz.clamp_min(1e-12) ** (1.0 / 3.0), xyz / (3 * delta**2) + 4.0 / 29.0)
-    fx, fy, fz = f[:, 0], f[:, 1], f[:, 2]
-    lab = torch.stack([116.0 * fy - 16.0, 500.0 * (fx - fy), 200.0 * (fy - fz)], dim=1)
-    return lab[0] if squeeze else lab
-
-
 class _Preprocessing:
     """Resize policy shared by the built-in extractors."""
 
@@ -183,8 +151,8 @@ class EncoderFeatures(_Preprocessing):
                  mean: tuple[float, float, float] = IMAGENET_MEAN, std: tuple[float, float, float] = IMAGENET_STD,
                  resize: ResizePolicy = "native", short_side: int = 480, size_multiple: int = 64,
                  device: str | torch.device = "cpu", name: str | None = None) -> None:
-        if layer not in getattr(encoder, "_layers", ()):
-            raise ValueError(f"layer: {layer!r} is not built in this encoder (has {list(encoder._layers)})")
+        if layer not in getattr(encoder, "layers", ()):
+            raise ValueError(f"layer: {layer!r} is not built in this encoder (has {list(encoder.layers)})")
         resized_size(8, 8, resize=resize, short_side=short_side, multiple=size_multiple)  # validates the policy
         self.encoder = encoder.to(device).eval()
         self.layer = layer
@@ -225,7 +193,8 @@ class EncoderFeatures(_Preprocessing):
 class LabFeatures(_Preprocessing):
     """Raw-pixel CIE Lab features, area-averaged over ``stride x stride`` cells.
 
-    Channels are scaled to comparable ranges: ``((L - 50) / 50, a / 127, b / 127)``.
+    Channels are scaled to comparable ranges like MAST's input (:func:`vidssl.models.lab.normalise_lab`):
+    ``((L - 50) / 50, a / 127, b / 127)``.
 
     ``__call__``: ``uint8 (N, 3, H, W)`` -> ``float32 (N, 3, ceil(H'/s), ceil(W'/s))`` (adaptive area pooling to the
     exact size, so odd sizes give partial border cells like the stride-8 ResNet).
@@ -251,11 +220,7 @@ class LabFeatures(_Preprocessing):
     def __call__(self, frames: torch.Tensor) -> torch.Tensor:
         height, width = int(frames.shape[-2]), int(frames.shape[-1])
         x = resize_frames(frames.to(self.device), self.input_size(height, width))
-        lab = rgb_to_lab(x)
-        scale = torch.tensor([50.0, 127.0, 127.0], device=self.device)[None, :, None, None]
-        shift = torch.tensor([50.0, 0.0, 0.0], device=self.device)[None, :, None, None]
-        lab = (lab - shift) / scale
-        return F.adaptive_avg_pool2d(lab, self.feature_size(height, width))
+        return F.adaptive_avg_pool2d(normalise_lab(rgb_to_lab(x)), self.feature_size(height, width))
 
     def info(self) -> dict[str, Any]:
         """Description for metrics.json."""
