@@ -123,5 +123,6 @@ def test_log_has_timings_and_throughput(tmp_path):
 
 
 def test_clip_too_short_for_objective(tmp_path):
-    with pytest.raises(ValueError, match="clip_len=2 is too short"):
+    with pytest.raises(ValueError, match=r"data.clip_len: 2 is too short for objective .crw. \(objectives.0\), "
+                                         r"which reads 3 frames"):
         train(tiny_cfg("data.clip_len=2"), tmp_path / "r", loader=TensorLoader(T=2), progress=False, echo=False)

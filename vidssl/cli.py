@@ -43,15 +43,16 @@ DEMO_CONFIG = "crw_demo"
 def _config_help() -> str:
     from vidssl.config import describe
     from vidssl.engine.config import RunConfig
-    from vidssl.engine.objectives import _REGISTRY
+    from vidssl.engine.objectives import objective_class, objective_names
 
-    rows = [r for r in describe(RunConfig) if not r[0].startswith("objectives")]
+    rows = [r for r in describe(RunConfig) if not r[0].startswith(("objectives", "streams"))]
     lines = ["config keys (--set KEY=VALUE; lists as [a, b]):"]
     lines += [f"  {k} ({t}; default {json.dumps(d)})" for k, t, d in rows]
     lines.append("  objectives.<i>.name / .weight / .<param> (objectives is a list; i = 0, 1, ...)")
-    for name, entry in sorted(_REGISTRY.items()):
+    lines.append("  streams.<name>.batch_size / .weight / .data.<key> (further data streams, keys as data.*)")
+    for name in objective_names():
         lines.append(f"objective {name!r} parameters:")
-        lines += [f"  {k} ({t}; default {json.dumps(d)})" for k, t, d in describe(entry.params)]
+        lines += [f"  {k} ({t}; default {json.dumps(d)})" for k, t, d in describe(objective_class(name).Params)]
     return "\n".join(lines)
 
 
@@ -59,7 +60,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     from vidssl.engine import resolve_run_config, train
 
     config = find_config(args.config or DEMO_CONFIG)
-    cfg = resolve_run_config(config, args.set)
+    cfg = resolve_run_config(config, args.set, plugins=args.plugin)
     if args.print_config:
         from vidssl.config import to_dict
 
@@ -94,6 +95,9 @@ def cmd_propagate(args: argparse.Namespace) -> int:
     from vidssl.evaluation.presets import PropagationConfig, get_preset
     from vidssl.evaluation.runner import propagate_davis
 
+    from vidssl.engine.objectives import load_plugins
+
+    load_plugins(args.plugin, where="--plugin")
     sources = [x for x in (args.checkpoint, args.encoder, args.weights) if x]
     if args.checkpoint and args.encoder:
         raise UserError("--checkpoint and --encoder are exclusive: give one feature source")
@@ -223,6 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", help="run folder (default runs/<name>); an existing checkpoint there is resumed")
     sp.add_argument("--resume", metavar="PATH", help="resume from this checkpoint (folder or .safetensors)")
     sp.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    sp.add_argument("--plugin", action="append", default=[], metavar="MODULE",
+                    help="import MODULE first (it registers objectives or encoders; stored in the run config)")
     add_progress(sp)
     sp.set_defaults(func=cmd_pretrain)
 
@@ -246,6 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--no-eval", action="store_true", help="write the PNGs only, do not score")
     sp.add_argument("--viz", action="store_true", help="write overlays and one mp4 per sequence under OUT/viz")
     sp.add_argument("--force", action="store_true", help="replace an existing results folder")
+    sp.add_argument("--plugin", action="append", default=[], metavar="MODULE",
+                    help="import MODULE first (registers encoders; a checkpoint's own plugins are imported anyway)")
     add_progress(sp)
     sp.set_defaults(func=cmd_propagate)
 

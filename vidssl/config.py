@@ -80,6 +80,9 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        args = get_args(tp)
+        if len(args) == 2 and args[1] is not Any:
+            return {str(k): _convert(v, args[1], f"{key}.{k}") for k, v in value.items()}
         return dict(value)
     if tp is bool:
         if isinstance(value, bool):

@@ -4,9 +4,10 @@ Imports point down only (``vidssl.io`` below); nothing here has import-time side
 """
 
 from vidssl.data import samplers
-from vidssl.data.config import DataConfig
+from vidssl.data.config import DataConfig, StreamConfig
 from vidssl.data.datasets import ClipDataset
-from vidssl.data.loader import ClipLoader, build_loader, resolve_entries, synthetic_root
+from vidssl.data.images import ImageFolderDataset, scan_image_folder
+from vidssl.data.loader import ClipLoader, build_loader, collate, resolve_entries, synthetic_root
 from vidssl.data.manifest import VideoEntry, build_manifest, load_manifest, scan_root
 from vidssl.data.samplers import (
     ClipSpec,
@@ -30,9 +31,13 @@ __all__ = [
     "ClipSpec",
     "ClipTransform",
     "DataConfig",
+    "ImageFolderDataset",
+    "StreamConfig",
     "VideoEntry",
     "build_loader",
     "build_manifest",
+    "collate",
+    "scan_image_folder",
     "clip_at",
     "clip_span",
     "consecutive_clips",

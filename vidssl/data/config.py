@@ -13,17 +13,21 @@ class DataConfig:
     """Where clips come from and how they are cut and augmented.
 
     ``source`` picks the dataset: ``synthetic`` (built-in demo videos, generated into ``root`` or a cache folder),
-    ``frames`` (folders of JPEG/PNG frames: DAVIS, YouTube-VOS, Kinetics-as-frames) or ``video`` (encoded videos).
+    ``frames`` (folders of JPEG/PNG frames: DAVIS, YouTube-VOS, Kinetics-as-frames), ``video`` (encoded videos) or
+    ``images`` (an image folder with one subfolder per class: items are 1-frame clips with a ``label``).
     """
 
-    source: Literal["synthetic", "frames", "video"] = "synthetic"
+    source: Literal["synthetic", "frames", "video", "images"] = "synthetic"
     root: str = ""  #: dataset root (frames: folder of per-video frame folders or a DAVIS root; video: folder of files)
     manifest: str = ""  #: optional manifest (JSONL) listing the videos; built and cached when empty
     split: str = ""  #: DAVIS-style split name (reads ImageSets/<year>/<split>.txt) or empty for every video
     sequences: list[str] = field(default_factory=list)  #: explicit subset of video names (empty = all)
     clip_len: int = 4  #: frames per clip (T)
     stride: int = 1  #: frame step inside a clip
-    sampler: Literal["random", "uniform", "consecutive"] = "random"
+    #: random / uniform / consecutive clips, ``pair`` (two frames 1..stride apart, clip_len 2) or ``shots``
+    #: (``num_shots`` consecutive shots of the manifest's ``shots``, ``clip_len`` frames each)
+    sampler: Literal["random", "uniform", "consecutive", "pair", "shots"] = "random"
+    num_shots: int = 1  #: sampler shots: shots per item (a video without shots is one shot)
     clips_per_video: int = 1  #: clips drawn from each video per epoch
     crop_size: int = 256  #: output side of the (square) random resized crop
     crop_scale: tuple[float, float] = (0.8, 0.95)
@@ -59,6 +63,10 @@ class DataConfig:
             raise ConfigError(f"{p}clip_len: must be >= 1, got {self.clip_len}")
         if self.stride < 1:
             raise ConfigError(f"{p}stride: must be >= 1, got {self.stride}")
+        if self.num_shots < 1:
+            raise ConfigError(f"{p}num_shots: must be >= 1, got {self.num_shots}")
+        if self.sampler == "pair" and self.clip_len != 2:
+            raise ConfigError(f"{p}clip_len: sampler 'pair' returns 2 frames, got clip_len={self.clip_len}")
         if self.clips_per_video < 1:
             raise ConfigError(f"{p}clips_per_video: must be >= 1, got {self.clips_per_video}")
         if self.crop_size < 8:
@@ -69,6 +77,8 @@ class DataConfig:
             raise ConfigError(f"{p}crop_ratio: need 0 < lo <= hi, got {self.crop_ratio}")
         if not 0 <= self.flip <= 1:
             raise ConfigError(f"{p}flip: must be a probability in [0, 1], got {self.flip}")
+        if self.source == "images" and not self.root:
+            raise ConfigError(f"{p}root: required for source='images' (a folder with one subfolder per class)")
         if self.source in ("frames", "video") and not self.root and not self.manifest:
             raise ConfigError(f"{p}root: required for source={self.source!r} (a dataset folder)")
         if self.num_workers < 0:
@@ -79,3 +89,23 @@ class DataConfig:
             raise ConfigError(f"{p}gpu_decode_threads: must be >= 1, got {self.gpu_decode_threads}")
         if self.reader_cache < 0:
             raise ConfigError(f"{p}reader_cache: must be >= 0 (0 opens a decoder per item), got {self.reader_cache}")
+
+
+@dataclass
+class StreamConfig:
+    """A further named data stream (``streams: {name: {data: {...}, batch_size: N, weight: w}}`` in a recipe).
+
+    Each stream has its own loader. On every step it contributes a batch of ``batch_size`` items (global, split over
+    processes) with probability ``weight`` (1: every step), drawn from a generator seeded by ``train.seed`` and the
+    step, identical on every process, so resume and DDP see the same schedule.
+    """
+
+    data: DataConfig = field(default_factory=DataConfig)
+    batch_size: int = 0  #: global items per step (0: train.batch_size)
+    weight: float = 1.0  #: fraction of steps that draw a batch from this stream
+
+    def validate(self, prefix: str = "stream") -> None:
+        if self.batch_size < 0:
+            raise ConfigError(f"{prefix}.batch_size: must be >= 0, got {self.batch_size}")
+        if not 0 < self.weight <= 1:
+            raise ConfigError(f"{prefix}.weight: must lie in (0, 1], got {self.weight}")

@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from vidssl.config import ConfigError, to_dict
 from vidssl.data.config import DataConfig
 from vidssl.data.datasets import ClipDataset
+from vidssl.data.images import ImageFolderDataset
 from vidssl.data.manifest import (
     ManifestError,
     VideoEntry,
@@ -166,12 +167,22 @@ def resolve_entries(cfg: DataConfig, *, cache_dir: str | os.PathLike | None = No
 
 # ---------------------------------------------------------------------------------------------------- loader
 
-def _collate(items: list[dict]) -> dict:
-    return {"video": torch.stack([it["video"] for it in items]),
-            "index": torch.tensor([it["index"] for it in items], dtype=torch.int64),
-            "frames": torch.stack([it["frames"] for it in items]),
-            "skipped": torch.tensor([it["skipped"] for it in items], dtype=torch.int64),
-            "video_index": torch.tensor([it["video_index"] for it in items], dtype=torch.int64)}
+def collate(items: list[dict]) -> dict:
+    """Batch items key by key: tensors stacked, numbers as a tensor (int64 / float32 / bool), anything else listed.
+
+    Every key an item carries is passed through (labels, shot ids, paths ...).
+    """
+    out: dict = {}
+    for key in items[0]:
+        values = [it[key] for it in items]
+        first = values[0]
+        if torch.is_tensor(first):
+            out[key] = torch.stack(values)
+        elif isinstance(first, (bool, int, float)):
+            out[key] = torch.tensor(values)
+        else:
+            out[key] = values
+    return out
 
 
 class ClipLoader:
@@ -196,7 +207,7 @@ class ClipLoader:
         drop_last: drop the last incomplete batch of an epoch.
     """
 
-    def __init__(self, dataset: ClipDataset, *, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
+    def __init__(self, dataset: ClipDataset | ImageFolderDataset, *, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
                  device: str | torch.device = "cpu", num_workers: int = 0,
                  gpu_augment: BatchClipAugment | None = None, drop_last: bool = True, gpu_threads: int = 1) -> None:
         if batch_size < 1:
@@ -226,7 +237,7 @@ class ClipLoader:
         if gpu_augment is None:
             self._loader = DataLoader(
                 dataset, batch_size=batch_size, sampler=self.sampler, num_workers=num_workers,
-                collate_fn=_collate, pin_memory=self.device.type == "cuda", drop_last=drop_last,
+                collate_fn=collate, pin_memory=self.device.type == "cuda", drop_last=drop_last,
                 generator=torch.Generator().manual_seed(seed), persistent_workers=False)
 
     def set_epoch(self, epoch: int) -> None:
@@ -304,12 +315,19 @@ def build_loader(cfg: DataConfig, *, batch_size: int, seed: int, rank: int = 0, 
     augments whole batches there with :class:`BatchClipAugment`; ``num_workers`` is then forced to 0 (logged).
     """
     cfg.validate()
-    entries = resolve_entries(cfg, cache_dir=cache_dir, progress=progress)
     transform = ClipTransform.from_config(cfg)
+    if cfg.source == "images":
+        if cfg.device == "cuda":
+            raise ConfigError("data.device: source 'images' is read on the CPU (data.device=cpu); batches still "
+                              "go to the training device")
+        images = ImageFolderDataset(cfg.root, transform=transform, seed=seed)
+        return ClipLoader(images, batch_size=batch_size, seed=seed, rank=rank, world_size=world_size, device=device,
+                          num_workers=cfg.num_workers, drop_last=drop_last)
+    entries = resolve_entries(cfg, cache_dir=cache_dir, progress=progress)
     common = dict(clip_len=cfg.clip_len, stride=cfg.stride, sampler=cfg.sampler,
                   clips_per_video=cfg.clips_per_video, seed=seed, backend=cfg.decoder,
                   decode_threads=cfg.decode_threads, max_retries=cfg.max_retries,
-                  keyframe_aligned=cfg.keyframe_aligned)
+                  keyframe_aligned=cfg.keyframe_aligned, num_shots=cfg.num_shots)
     if cfg.device == "cuda":
         if not torch.cuda.is_available():
             raise ConfigError("data.device: 'cuda' but CUDA is not available (use data.device=cpu)")

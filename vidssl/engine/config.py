@@ -12,28 +12,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from vidssl.config import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
-from vidssl.data.config import DataConfig
-
-
-@dataclass
-class ModelConfig:
-    """The shared frame encoder."""
-
-    #: torchvision ResNets (stride 8 with ``stride8``), or ``mast_resnet18``: the CorrFlow/MAST stride-4 ResNet-18
-    #: (vidssl/models/mast_encoder.py; ``out_layer``/``eval_layer``/``stride8`` do not apply, its features are the
-    #: 64-d ``head`` output)
-    encoder: Literal["resnet18", "resnet34", "resnet50", "mast_resnet18"] = "resnet18"
-    out_layer: Literal["layer1", "layer2", "layer3", "layer4"] = "layer4"  #: last stage used in training
-    eval_layer: Literal["layer1", "layer2", "layer3", "layer4"] = "layer3"  #: stage used for label propagation
-    stride8: bool = True  #: layer3/layer4 stride 1 (output stride 8)
-    padding_mode: Literal["zeros", "reflect"] = "reflect"
-    norm: Literal["batch", "group"] = "batch"  #: group norm makes CPU DDP exactly equal to one process
-    sync_bn: bool = True  #: convert BatchNorm to SyncBatchNorm under DDP on GPU
-
-    def validate(self, prefix: str = "model") -> None:
-        order = ["layer1", "layer2", "layer3", "layer4"]
-        if order.index(self.eval_layer) > order.index(self.out_layer):
-            raise ConfigError(f"{prefix}.eval_layer: {self.eval_layer!r} comes after out_layer {self.out_layer!r}")
+from vidssl.data.config import DataConfig, StreamConfig
+from vidssl.models.encoders import ModelConfig
 
 
 @dataclass
@@ -43,6 +23,16 @@ class ObjectiveSpec:
     name: str = "crw"
     weight: float = 1.0
     params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ParamGroupConfig:
+    """Parameters whose name matches ``pattern`` (fnmatch, e.g. ``objectives.*.head.*`` or ``*.bias``) get their
+    own lr and weight decay; the first matching group wins, unmatched parameters use ``optim.lr``/``weight_decay``."""
+
+    pattern: str = "*"
+    lr: float | None = None  #: null: optim.lr (the schedule scales every group alike)
+    weight_decay: float | None = None  #: null: optim.weight_decay
 
 
 @dataclass
@@ -58,6 +48,7 @@ class OptimConfig:
     gamma: float = 0.1
     min_lr_ratio: float = 0.0  #: cosine: final lr as a fraction of lr
     grad_clip: float = 0.0  #: max global grad norm; 0 disables
+    param_groups: list[ParamGroupConfig] = field(default_factory=list)  #: per-pattern lr / weight decay
 
 
 @dataclass
@@ -96,7 +87,9 @@ class RunConfig:
     """A whole recipe."""
 
     name: str = "run"
-    data: DataConfig = field(default_factory=DataConfig)
+    plugins: list[str] = field(default_factory=list)  #: modules imported first (they register objectives/encoders)
+    data: DataConfig = field(default_factory=DataConfig)  #: the main stream ("main")
+    streams: dict[str, StreamConfig] = field(default_factory=dict)  #: further named streams
     model: ModelConfig = field(default_factory=ModelConfig)
     objectives: list[ObjectiveSpec] = field(default_factory=lambda: [ObjectiveSpec()])
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -106,6 +99,18 @@ class RunConfig:
     def validate(self, prefix: str = "") -> None:
         if not self.objectives:
             raise ConfigError("objectives: at least one objective is needed")
+        if "main" in self.streams:
+            raise ConfigError("streams.main: 'main' is the data: section; give further streams other names")
+
+    def stream_configs(self) -> dict[str, DataConfig]:
+        """Every stream's data config by name, ``main`` (the ``data:`` section) first."""
+        return {"main": self.data, **{k: s.data for k, s in self.streams.items()}}
+
+    def stream_batch_size(self, name: str) -> int:
+        """Global batch size of stream ``name``."""
+        if name == "main":
+            return self.train.batch_size
+        return self.streams[name].batch_size or self.train.batch_size
 
 
 def _normalise_objectives(data: dict[str, Any]) -> dict[str, Any]:
@@ -140,9 +145,10 @@ def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
 
 
 def resolve_run_config(config_path: str | Path | None = None, overrides: list[str] | None = None,
-                       base: dict[str, Any] | None = None) -> RunConfig:
-    """Defaults <- YAML file <- ``--set`` overrides, fully checked (objective parameters included)."""
-    from vidssl.engine.objectives import check_objective_params
+                       base: dict[str, Any] | None = None, plugins: list[str] | None = None) -> RunConfig:
+    """Defaults <- YAML file <- ``--set`` overrides, fully checked (plugins imported, objective parameters and what
+    each objective reads from the data included). ``plugins`` (``--plugin``) are added to the recipe's."""
+    from vidssl.engine.objectives import check_objective_params, load_plugins
 
     data: dict[str, Any] = _merge(to_dict(RunConfig()), dict(base or {}))
     if config_path:
@@ -150,10 +156,47 @@ def resolve_run_config(config_path: str | Path | None = None, overrides: list[st
     data = _normalise_objectives(data)
     data = apply_overrides(data, list(overrides or []))
     data = _normalise_objectives(data)
+    if plugins:
+        data["plugins"] = list(dict.fromkeys(list(data.get("plugins") or []) + list(plugins)))
+    load_plugins(data.get("plugins") or [])
     cfg = from_dict(RunConfig, data)
     for i, spec in enumerate(cfg.objectives):
         spec.params = check_objective_params(spec.name, spec.params, prefix=f"objectives.{i}")
+    check_data_needs(cfg)
     return cfg
+
+
+def check_data_needs(cfg: RunConfig) -> None:
+    """Check every objective's :class:`~vidssl.models.objective.DataNeeds` against the run's streams (errors name
+    the key to change) and resolve ``model.colour: auto`` to the objectives' colour space."""
+    from vidssl.engine.objectives import objective_needs
+
+    streams = cfg.stream_configs()
+    colours = set()
+    for i, spec in enumerate(cfg.objectives):
+        needs = objective_needs(spec.name, spec.params, cfg.data, prefix=f"objectives.{i}")
+        colours.add(needs.colour)
+        for name in needs.streams:
+            if name not in streams:
+                raise ConfigError(f"streams.{name}: objective {spec.name!r} (objectives.{i}) reads stream {name!r}; "
+                                  f"the run defines {', '.join(streams)}")
+        name = needs.streams[0]
+        key = "data" if name == "main" else f"streams.{name}.data"
+        d = streams[name]
+        if d.clip_len < needs.clip_len:
+            raise ConfigError(f"{key}.clip_len: {d.clip_len} is too short for objective {spec.name!r} "
+                              f"(objectives.{i}), which reads {needs.clip_len} frames per clip")
+        if needs.sampler is not None and d.sampler != needs.sampler:
+            raise ConfigError(f"{key}.sampler: objective {spec.name!r} (objectives.{i}) needs sampler "
+                              f"{needs.sampler!r}, got {d.sampler!r}")
+        if d.sampler == "shots" and d.num_shots < needs.num_shots:
+            raise ConfigError(f"{key}.num_shots: objective {spec.name!r} (objectives.{i}) needs "
+                              f"{needs.num_shots} shots per item, got {d.num_shots}")
+    if cfg.model.colour == "auto":
+        if len(colours) > 1:
+            raise ConfigError(f"model.colour: the objectives train the encoder on different colour spaces "
+                              f"({sorted(colours)}); they cannot share one encoder")
+        cfg.model.colour = colours.pop()
 
 
 def run_config_from_dict(data: dict[str, Any]) -> RunConfig:
@@ -161,5 +204,5 @@ def run_config_from_dict(data: dict[str, Any]) -> RunConfig:
     return resolve_run_config(base=data)
 
 
-__all__ = ["EvalConfig", "ModelConfig", "ObjectiveSpec", "OptimConfig", "RunConfig", "TrainConfig",
-           "resolve_run_config", "run_config_from_dict", "to_dict"]
+__all__ = ["EvalConfig", "ModelConfig", "ObjectiveSpec", "OptimConfig", "ParamGroupConfig", "RunConfig",
+           "StreamConfig", "TrainConfig", "check_data_needs", "resolve_run_config", "run_config_from_dict", "to_dict"]

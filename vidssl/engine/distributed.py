@@ -61,3 +61,15 @@ def cleanup_distributed() -> None:
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+def all_reduce_gradients(params) -> None:
+    """Average ``.grad`` of ``params`` over all processes (no-op in one process); for objectives that run their own
+    backward passes outside DDP (``training_step``)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    world = dist.get_world_size()
+    for p in params:
+        if p.grad is not None:
+            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+            p.grad.div_(world)

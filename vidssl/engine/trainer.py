@@ -10,6 +10,8 @@ and resumed reaches the same parameters as an uninterrupted one.
 from __future__ import annotations
 
 import contextlib
+import fnmatch
+import functools
 import json
 import math
 import sys
@@ -21,40 +23,24 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from vidssl.config import to_dict
+from vidssl.config import ConfigError, to_dict
+from vidssl.data.streams import StreamCursor, batches_drawn, stream_drawn
 from vidssl.engine.checkpoint import (latest_checkpoint, load_weights_into, read_trainer_state, read_weights,
                                       save_checkpoint)
-from vidssl.engine.config import ModelConfig, OptimConfig, RunConfig
-from vidssl.engine.distributed import DistInfo, barrier, cleanup_distributed, init_distributed
+from vidssl.engine.config import OptimConfig, RunConfig, check_data_needs
+from vidssl.engine.distributed import DistInfo, all_reduce_gradients, barrier, cleanup_distributed, init_distributed
 from vidssl.engine.objectives import MultiObjective
 from vidssl.io.atomic import atomic_write_text
-from vidssl.models.encoders import build_encoder
-from vidssl.models.mast_encoder import MASTEncoder
+from vidssl.models.encoders import build_model_encoder
+from vidssl.models.objective import BuildContext, StepContext
 
 
-def build_model_encoder(cfg: ModelConfig) -> nn.Module:
-    """The shared encoder described by the ``model`` section."""
-    if cfg.encoder == "mast_resnet18":
-        enc = MASTEncoder(padding_mode=cfg.padding_mode)
-    else:
-        enc = build_encoder(cfg.encoder, out_layer=cfg.out_layer, stride8=cfg.stride8, padding_mode=cfg.padding_mode)
-    if cfg.norm == "group":
-        _batchnorm_to_groupnorm(enc)
-    return enc
-
-
-def _batchnorm_to_groupnorm(module: nn.Module, groups: int = 32) -> None:
-    for name, child in module.named_children():
-        if isinstance(child, nn.BatchNorm2d):
-            setattr(module, name, nn.GroupNorm(min(groups, child.num_features), child.num_features))
-        else:
-            _batchnorm_to_groupnorm(child, groups)
-
-
-def build_training_model(cfg: RunConfig) -> MultiObjective:
+def build_training_model(cfg: RunConfig, *, device: str | torch.device = "cpu") -> MultiObjective:
     """Encoder + objectives of a run config (weights freshly initialised from the global RNG)."""
-    return MultiObjective(build_model_encoder(cfg.model),
-                          [(o.name, o.weight, o.params) for o in cfg.objectives])
+    ctx = BuildContext(total_steps=cfg.train.steps, data=cfg.data, streams=cfg.stream_configs(),
+                       device=torch.device(device))
+    return MultiObjective(build_model_encoder(cfg.model), [(o.name, o.weight, o.params) for o in cfg.objectives],
+                          ctx)
 
 
 def lr_at(step: int, cfg: OptimConfig, total_steps: int) -> float:
@@ -70,8 +56,47 @@ def lr_at(step: int, cfg: OptimConfig, total_steps: int) -> float:
     return lo + (cfg.lr - lo) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
 
 
-def build_optimizer(params: Iterable[nn.Parameter], cfg: OptimConfig) -> torch.optim.Optimizer:
-    params = [p for p in params if p.requires_grad]
+def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict[str, Any]]:
+    """Optimiser parameter groups: the objectives' declared groups, then ``optim.param_groups`` patterns, then the
+    rest. Each group carries ``name`` and ``lr_scale`` (its lr relative to ``optim.lr``, applied by the schedule).
+
+    With neither declared nor configured groups this is one group of every trainable parameter in
+    ``model.parameters()`` order (what a plain ``Adam(model.parameters())`` sees).
+    """
+    declared = model.param_groups() if hasattr(model, "param_groups") else []
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not declared and not cfg.param_groups:
+        return [{"name": "default", "params": [p for _, p in named], "lr": cfg.lr, "lr_scale": 1.0,
+                 "weight_decay": cfg.weight_decay}]
+    taken: set[int] = set()
+    groups = []
+    for g in declared:
+        params = [p for p in g["params"] if p.requires_grad and id(p) not in taken]
+        taken.update(id(p) for p in params)
+        scale = float(g.get("lr_scale", 1.0))
+        groups.append({"name": g["name"], "params": params, "lr": cfg.lr * scale, "lr_scale": scale,
+                       "weight_decay": cfg.weight_decay if g.get("weight_decay") is None else g["weight_decay"]})
+    for i, gc in enumerate(cfg.param_groups):
+        params = [p for n, p in named if id(p) not in taken and fnmatch.fnmatchcase(n, gc.pattern)]
+        if not params:
+            raise ConfigError(f"optim.param_groups.{i}.pattern: {gc.pattern!r} matches no trainable parameter "
+                              f"(names look like {named[0][0]!r})")
+        taken.update(id(p) for p in params)
+        scale = 1.0 if gc.lr is None else gc.lr / cfg.lr
+        groups.append({"name": f"pattern:{gc.pattern}", "params": params, "lr": cfg.lr * scale, "lr_scale": scale,
+                       "weight_decay": cfg.weight_decay if gc.weight_decay is None else gc.weight_decay})
+    rest = [p for _, p in named if id(p) not in taken]
+    if rest:
+        groups.append({"name": "default", "params": rest, "lr": cfg.lr, "lr_scale": 1.0,
+                       "weight_decay": cfg.weight_decay})
+    return [g for g in groups if g["params"]]
+
+
+def build_optimizer(params: Iterable[nn.Parameter] | list[dict[str, Any]], cfg: OptimConfig) -> torch.optim.Optimizer:
+    """``optim.name`` over parameters or parameter groups (groups may set their own ``lr``/``weight_decay``)."""
+    params = list(params)
+    if params and not isinstance(params[0], dict):
+        params = [p for p in params if p.requires_grad]
     if cfg.name == "adam":
         return torch.optim.Adam(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     if cfg.name == "adamw":
@@ -80,11 +105,11 @@ def build_optimizer(params: Iterable[nn.Parameter], cfg: OptimConfig) -> torch.o
 
 
 def _autocast(amp: str, device: torch.device):
+    """``(autocast context factory, use an fp16 GradScaler)`` for ``train.amp`` on ``device`` (off on the CPU)."""
     if device.type != "cuda" or amp == "off":
-        return contextlib.nullcontext(), None
+        return contextlib.nullcontext, False
     dtype = torch.float16 if amp == "fp16" else torch.bfloat16
-    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
-    return torch.autocast("cuda", dtype=dtype), scaler
+    return functools.partial(torch.autocast, "cuda", dtype=dtype), dtype == torch.float16
 
 
 def _truncate_log(path: Path, last_step: int) -> None:
@@ -99,6 +124,67 @@ def _truncate_log(path: Path, last_step: int) -> None:
     atomic_write_text(path, "".join(k + "\n" for k in keep))
 
 
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if torch.is_tensor(batch):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    return batch
+
+
+def _build_loaders(cfg: RunConfig, dist_info: DistInfo, loader: Any) -> dict[str, Any]:
+    """One loader per stream (``main`` may be given, for tests); batch sizes are split over processes."""
+    from vidssl.data.loader import build_loader
+
+    loaders = {}
+    for name, data in cfg.stream_configs().items():
+        if name == "main" and loader is not None:
+            loaders[name] = loader
+            continue
+        bs = cfg.stream_batch_size(name)
+        key = "train.batch_size" if name == "main" else f"streams.{name}.batch_size"
+        if bs % dist_info.world_size:
+            raise ConfigError(f"{key}={bs} is not divisible by the {dist_info.world_size} processes")
+        loaders[name] = build_loader(data, batch_size=bs // dist_info.world_size, seed=cfg.train.seed,
+                                     rank=dist_info.rank, world_size=dist_info.world_size,
+                                     device=str(dist_info.device))
+        if len(loaders[name]) == 0:
+            raise ValueError(f"{'data' if name == 'main' else 'streams.' + name}: the loader yields no batch: fewer "
+                             f"clips than its batch size ({bs}); add videos or lower the batch size")
+    return loaders
+
+
+def _optimizers(model: MultiObjective, cfg: RunConfig) -> dict[str, torch.optim.Optimizer]:
+    """The run's optimisers by name: the custom-step objective's own, or one over the parameter groups."""
+    custom = model.custom_step
+    if custom is not None:
+        def build(groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+            for g in groups:
+                g.setdefault("lr_scale", 1.0)
+                g.setdefault("lr", cfg.optim.lr * g["lr_scale"])
+            return build_optimizer(groups, cfg.optim)
+
+        opts = custom.configure_optimizers(build)
+        if not opts:
+            raise ValueError(f"{type(custom).__name__}.configure_optimizers returned no optimiser")
+        return dict(opts)
+    return {"main": build_optimizer(param_groups(model, cfg.optim), cfg.optim)}
+
+
+def _load_trainer_state(state: dict[str, Any], opts: dict, scalers: dict, ckpt: Path) -> None:
+    """Restore every optimiser and scaler by name (format 1 checkpoints had one, stored as ``optimizer``)."""
+    saved_opts = state.get("optimizers") or ({"main": state["optimizer"]} if "optimizer" in state else {})
+    saved_scalers = state.get("scalers") or ({"main": state["scaler"]} if state.get("scaler") else {})
+    if set(saved_opts) != set(opts):
+        raise ValueError(f"{ckpt}: the checkpoint has optimisers {sorted(saved_opts)}, this run builds "
+                         f"{sorted(opts)}; resume with the recipe that wrote it")
+    for name, opt in opts.items():
+        opt.load_state_dict(saved_opts[name])
+    for name, scaler in scalers.items():
+        if scaler is not None and saved_scalers.get(name):
+            scaler.load_state_dict(saved_scalers[name])
+
+
 def train(cfg: RunConfig, out_dir: str | Path, *, resume: str | Path | None = None, progress: bool = True,
           loader: Any = None, echo: bool = True) -> dict[str, Any]:
     """Train ``cfg`` into ``out_dir``; resumes from ``resume`` or from ``out_dir``'s latest checkpoint.
@@ -108,8 +194,13 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: str | Path | None = No
         out_dir: run folder (created; rank 0 writes ``config.json``, ``log.jsonl``, checkpoints).
         resume: a checkpoint to resume from; by default the newest one in ``out_dir`` if any.
         progress: tqdm progress bar on rank 0.
-        loader: an already built loader (tests); by default :func:`vidssl.data.build_loader`.
+        loader: an already built loader of the main stream (tests); by default :func:`vidssl.data.build_loader`.
         echo: print a line per logged step when the progress bar is off.
+
+    Each step draws the main stream's batch and, by their mixing weights, the other streams' (under
+    ``batch["streams"]``). The default step is one backward of the weighted sum of the objectives' losses and one
+    optimiser step; an objective with ``custom_step`` runs its own ``training_step`` instead (its optimisers and
+    scalers are checkpointed by name).
 
     Returns:
         summary dict (final step, last logged values, wall time, checkpoint path).
@@ -122,6 +213,7 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: str | Path | None = No
     if cfg.train.batch_size % dist_info.world_size:
         raise ValueError(f"train.batch_size={cfg.train.batch_size} is not divisible by the "
                          f"{dist_info.world_size} processes")
+    check_data_needs(cfg)
     config_dict = to_dict(cfg)
     if dist_info.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -129,15 +221,14 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: str | Path | None = No
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.train.seed)
-        model = build_training_model(cfg)
-    if cfg.data.clip_len < model.min_clip_len:
-        raise ValueError(f"data.clip_len={cfg.data.clip_len} is too short for the objectives "
-                         f"(they need at least {model.min_clip_len} frames)")
+        model = build_training_model(cfg, device=device)
     model.to(device)
     if dist_info.distributed and device.type == "cuda" and cfg.model.sync_bn:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    opt = build_optimizer(model.parameters(), cfg.optim)
-    autocast, scaler = _autocast(cfg.train.amp, device)
+    custom = model.custom_step
+    opts = _optimizers(model, cfg)
+    autocast, fp16 = _autocast(cfg.train.amp, device)
+    scalers = {name: torch.amp.GradScaler("cuda") if fp16 else None for name in opts}
     gen = torch.Generator(device=device)
     gen.manual_seed(cfg.train.seed * 1_000_003 + dist_info.rank)
 
@@ -147,9 +238,7 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: str | Path | None = No
         weights, _, _ = read_weights(ckpt)
         load_weights_into(model, weights)
         state = read_trainer_state(ckpt)
-        opt.load_state_dict(state["optimizer"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
+        _load_trainer_state(state, opts, scalers, ckpt)
         rng = state["rng"][min(dist_info.rank, len(state["rng"]) - 1)]
         gen.set_state(rng["objective"])
         start_step = int(state["step"])
@@ -158,20 +247,19 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: str | Path | None = No
             print(f"resumed from {ckpt} at step {start_step}", file=sys.stderr)
 
     ddp_model = model
-    if dist_info.distributed:
+    if dist_info.distributed and custom is None:
         ddp_model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    if loader is None:
-        from vidssl.data.loader import build_loader
-
-        loader = build_loader(cfg.data, batch_size=cfg.train.batch_size // dist_info.world_size,
-                              seed=cfg.train.seed, rank=dist_info.rank, world_size=dist_info.world_size,
-                              device=str(device))
-    steps_per_epoch = len(loader)
+    loaders = _build_loaders(cfg, dist_info, loader)
+    main_loader = loaders["main"]
+    steps_per_epoch = len(main_loader)
     if steps_per_epoch == 0:
         raise ValueError("the data loader yields no batch: fewer clips than train.batch_size "
                          f"({cfg.train.batch_size}); add videos or lower the batch size")
+    weights = {name: (1.0 if name == "main" else cfg.streams[name].weight) for name in loaders}
+    cursors = {name: StreamCursor(ld, batches_drawn(cfg.train.seed, name, start_step, weights[name]))
+               for name, ld in loaders.items()}
 
     total = cfg.train.steps
     bar = tqdm(total=total, initial=start_step, disable=not (progress and dist_info.is_main),
@@ -181,20 +269,31 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: str | Path | None = No
     window = {"data": 0.0, "step": 0.0, "clips": 0, "n": 0}
     model.train()
     last_ckpt = None
+    params = [p for p in model.parameters() if p.requires_grad]
     while step < total:
-        epoch, skip = divmod(step, steps_per_epoch)
-        loader.set_epoch(epoch)
-        it = iter(loader)
-        for _ in range(skip):  # resume mid-epoch: the same batches as an uninterrupted run, skipped
-            next(it)
         t0 = time.time()
-        for batch in it:
-            batch = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
-            t1 = time.time()
-            lr = lr_at(step, cfg.optim, total)
+        epoch = step // steps_per_epoch  # the main stream draws one batch per step
+        batch = next(cursors["main"])
+        extra = {name: next(c) for name, c in cursors.items()
+                 if name != "main" and stream_drawn(cfg.train.seed, name, step, weights[name])}
+        if extra:
+            batch = {**batch, "streams": extra}
+        batch = _to_device(batch, device)
+        t1 = time.time()
+        lr = lr_at(step, cfg.optim, total)
+        for opt in opts.values():
             for g in opt.param_groups:
-                g["lr"] = lr
-            with autocast:
+                g["lr"] = lr * g.get("lr_scale", 1.0)
+        grad_norm = None
+        if custom is not None:
+            ctx = StepContext(step=step, lr=lr, optimizers=opts, scalers=scalers, autocast=autocast, generator=gen,
+                              all_reduce_gradients=all_reduce_gradients)
+            logs = dict(custom.training_step(batch, ctx))
+            if "loss" not in logs:
+                raise ValueError(f"{type(custom).__name__}.training_step: the logs need a 'loss' entry")
+        else:
+            opt, scaler = opts["main"], scalers["main"]
+            with autocast():
                 loss, logs = ddp_model(batch, generator=gen)
             opt.zero_grad(set_to_none=True)
             if scaler is not None:
@@ -202,50 +301,48 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: str | Path | None = No
                 scaler.unscale_(opt)
             else:
                 loss.backward()
-            grad_norm = None
             if cfg.optim.grad_clip > 0:
-                grad_norm = float(nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip))
+                grad_norm = float(nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip))
             if scaler is not None:
                 scaler.step(opt)
                 scaler.update()
             else:
                 opt.step()
-            if not math.isfinite(logs["loss"]):
-                raise FloatingPointError(f"loss is {logs['loss']} at step {step}; lower optim.lr or check the data")
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            t2 = time.time()
-            step += 1
-            bs = batch["video"].shape[0] * dist_info.world_size
-            window["data"] += t1 - t0
-            window["step"] += t2 - t1
-            window["clips"] += bs
-            window["n"] += 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{lr:.2e}")
-            if step % cfg.train.log_every == 0 or step == total:
-                n = window["n"]
-                rec = {"step": step, "epoch": epoch, "lr": lr, **logs,
-                       "data_time": window["data"] / n, "step_time": window["step"] / n,
-                       "clips_per_s": window["clips"] / max(1e-9, window["data"] + window["step"]),
-                       "skipped": int(getattr(loader, "skipped", 0))}
-                if grad_norm is not None:
-                    rec["grad_norm"] = grad_norm
-                last_logs = rec
-                window = {"data": 0.0, "step": 0.0, "clips": 0, "n": 0}
-                if dist_info.is_main:
-                    with open(log_path, "a") as f:
-                        f.write(json.dumps(rec) + "\n")
-                    if echo and bar.disable:
-                        print(f"step {step}/{total} loss {logs['loss']:.4f} lr {lr:.2e} "
-                              f"data {rec['data_time']:.3f}s step {rec['step_time']:.3f}s "
-                              f"{rec['clips_per_s']:.1f} clips/s", flush=True)
-            if step % cfg.train.ckpt_every == 0 or step == total:
-                last_ckpt = _save(out_dir, model, opt, scaler, gen, step, config_dict, cfg.train.keep_checkpoints,
-                                  dist_info)
-            if step >= total:
-                break
-            t0 = time.time()
+        if not math.isfinite(logs["loss"]):
+            raise FloatingPointError(f"loss is {logs['loss']} at step {step}; lower optim.lr or check the data")
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t2 = time.time()
+        step += 1
+        bs = batch["video"].shape[0] * dist_info.world_size
+        window["data"] += t1 - t0
+        window["step"] += t2 - t1
+        window["clips"] += bs
+        window["n"] += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{lr:.2e}")
+        if step % cfg.train.log_every == 0 or step == total:
+            n = window["n"]
+            rec = {"step": step, "epoch": epoch, "lr": lr, **logs,
+                   "data_time": window["data"] / n, "step_time": window["step"] / n,
+                   "clips_per_s": window["clips"] / max(1e-9, window["data"] + window["step"]),
+                   "skipped": int(getattr(main_loader, "skipped", 0))}
+            for name in extra:
+                rec[f"streams/{name}/items"] = int(batch["streams"][name]["video"].shape[0]) * dist_info.world_size
+            if grad_norm is not None:
+                rec["grad_norm"] = grad_norm
+            last_logs = rec
+            window = {"data": 0.0, "step": 0.0, "clips": 0, "n": 0}
+            if dist_info.is_main:
+                with open(log_path, "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+                if echo and bar.disable:
+                    print(f"step {step}/{total} loss {logs['loss']:.4f} lr {lr:.2e} "
+                          f"data {rec['data_time']:.3f}s step {rec['step_time']:.3f}s "
+                          f"{rec['clips_per_s']:.1f} clips/s", flush=True)
+        if step % cfg.train.ckpt_every == 0 or step == total:
+            last_ckpt = _save(out_dir, model, opts, scalers, gen, step, config_dict, cfg.train.keep_checkpoints,
+                              dist_info)
     bar.close()
     barrier()
     cleanup_distributed()
@@ -253,8 +350,8 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: str | Path | None = No
             "checkpoint": str(last_ckpt) if last_ckpt else None}
 
 
-def _save(out_dir: Path, model: nn.Module, opt: torch.optim.Optimizer, scaler, gen: torch.Generator, step: int,
-          config: dict, keep: int, dist_info: DistInfo) -> Path | None:
+def _save(out_dir: Path, model: nn.Module, opts: dict[str, torch.optim.Optimizer], scalers: dict, gen: torch.Generator,
+          step: int, config: dict, keep: int, dist_info: DistInfo) -> Path | None:
     """Rank 0 writes; every rank contributes its RNG state so a resumed DDP run continues each stream."""
     rng = {"objective": gen.get_state()}
     if dist_info.distributed:
@@ -267,7 +364,8 @@ def _save(out_dir: Path, model: nn.Module, opt: torch.optim.Optimizer, scaler, g
         rngs = [rng]
     path = None
     if dist_info.is_main:
-        state = {"optimizer": opt.state_dict(), "scaler": scaler.state_dict() if scaler is not None else {},
+        state = {"format": 2, "optimizers": {k: o.state_dict() for k, o in opts.items()},
+                 "scalers": {k: s.state_dict() for k, s in scalers.items() if s is not None},
                  "step": step, "rng": rngs}
         path = save_checkpoint(out_dir, step=step, weights=model.state_dict(), trainer_state=state, config=config,
                                keep=keep)

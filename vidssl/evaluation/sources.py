@@ -11,10 +11,6 @@ from vidssl.evaluation.features import EncoderFeatures, LabFeatures, build_encod
 from vidssl.evaluation.mast_propagation import WindowFeatures
 from vidssl.evaluation.presets import PropagationConfig
 
-#: Input colour space of each objective that trains the stride-4 CorrFlow/MAST encoder.
-_WINDOW_COLOUR = {"corrflow": "rgb", "mast": "lab"}
-
-
 def _window_extractor(encoder: Any, cfg: PropagationConfig, *, colour: str, name: str | None = None
                       ) -> WindowFeatures:
     window = cfg.window
@@ -27,27 +23,27 @@ def _window_extractor(encoder: Any, cfg: PropagationConfig, *, colour: str, name
 
 def checkpoint_extractor(checkpoint: str | os.PathLike, cfg: PropagationConfig, *, layer: str | None = None
                          ) -> tuple[EncoderFeatures, dict[str, Any], PropagationConfig]:
-    """Feature extractor from a vidssl checkpoint (the model rebuilt from the file alone).
+    """Feature extractor from a vidssl checkpoint: the encoder rebuilt from the checkpoint's ``model`` section alone
+    (no objective is rebuilt, so any method's checkpoint works).
 
     The feature layer is the run's ``model.eval_layer`` unless ``layer`` is given. Returns the extractor, a
     description, and ``cfg`` with the layer actually used (record that one).
     """
-    from vidssl.engine import model_from_checkpoint
+    from vidssl.engine import encoder_from_checkpoint
     from vidssl.engine.checkpoint import resolve_checkpoint
 
     ckpt = resolve_checkpoint(checkpoint)
-    model, run_cfg, step = model_from_checkpoint(ckpt)
-    if run_cfg.model.encoder == "mast_resnet18":
-        objective = run_cfg.objectives[0].name
-        colour = _WINDOW_COLOUR.get(objective, cfg.window.colour if cfg.window is not None else "lab")
-        ext = _window_extractor(model.encoder, cfg, colour=colour, name=f"{run_cfg.name}@{step}.head[{colour}]")
-        return ext, {"source": "checkpoint", "checkpoint": str(ckpt), "step": step, "run": run_cfg.name,
+    encoder, model_cfg, config, step = encoder_from_checkpoint(ckpt)
+    run = config.get("name", "run")
+    if model_cfg.encoder == "mast_resnet18":  # the stride-4 CorrFlow/MAST encoder: window protocols
+        colour = model_cfg.colour
+        ext = _window_extractor(encoder, cfg, colour=colour, name=f"{run}@{step}.head[{colour}]")
+        return ext, {"source": "checkpoint", "checkpoint": str(ckpt), "step": step, "run": run,
                      "layer": "head", "colour": colour}, cfg
-    layer = layer or run_cfg.model.eval_layer
+    layer = layer or model_cfg.eval_layer
     cfg = dataclasses.replace(cfg, layer=layer)
-    ext = EncoderFeatures.from_config(model.encoder, cfg, name=f"{run_cfg.name}@{step}.{layer}")
-    return ext, {"source": "checkpoint", "checkpoint": str(ckpt), "step": step, "run": run_cfg.name,
-                 "layer": layer}, cfg
+    ext = EncoderFeatures.from_config(encoder, cfg, name=f"{run}@{step}.{layer}")
+    return ext, {"source": "checkpoint", "checkpoint": str(ckpt), "step": step, "run": run, "layer": layer}, cfg
 
 
 def build_extractor(*, checkpoint: str | os.PathLike | None = None, encoder: str | None = None,
@@ -77,13 +73,13 @@ def build_extractor(*, checkpoint: str | os.PathLike | None = None, encoder: str
     if name == "mast_resnet18":
         import torch
 
-        from vidssl.models.mast_encoder import MASTEncoder
+        from vidssl.models.encoders import ModelConfig, build_model_encoder
 
         if weights:
             raise ValueError("--weights: for mast_resnet18 give a vidssl --checkpoint instead")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(seed))
-            enc = MASTEncoder()
+            enc = build_model_encoder(ModelConfig(encoder="mast_resnet18", padding_mode="zeros"))
         colour = cfg.window.colour if cfg.window is not None else "lab"
         ext = _window_extractor(enc, cfg, colour=colour, name=f"mast_resnet18[random seed={seed}]")
         return ext, {"source": "random-init", "encoder": name, "seed": seed, "colour": colour}, cfg

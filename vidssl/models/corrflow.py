@@ -30,6 +30,8 @@ Quirks and choices (named flags):
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
 from typing import Literal, Sequence
 
 import torch
@@ -37,9 +39,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
+from vidssl.config import ConfigError, to_dict
 from vidssl.losses.reconstruction import colour_nll_log, kmeans, log_bilinear_upsample, one_hot_map, quantise_ab
 from vidssl.models.lab import rgb_to_lab
 from vidssl.models.local_attention import local_aggregate, local_correlation, local_window, window_valid
+from vidssl.models.objective import BuildContext, DataNeeds, Objective
 
 __all__ = ["CorrFlow", "colour_jitter_frames", "input_rgb", "rgb_channel_dropout"]
 
@@ -147,7 +151,41 @@ def colour_jitter_frames(frames: torch.Tensor, *, prob: float = 0.1, strength: f
     return out
 
 
-class CorrFlow(nn.Module):
+@dataclass
+class CorrFlowParams:
+    """Correspondence Flow (zlai0/CorrFlow defaults; see :class:`vidssl.models.CorrFlow`)."""
+
+    radius: int = 6  #: restricted-attention half-size (13x13)
+    num_colours: int = 16  #: quantised ab colours
+    centroids: list[list[float]] | None = None  #: K (a, b) pairs; null = k-means on the first training batch
+    keep_prob: float = 0.3  #: probability of no RGB channel dropout
+    long_weight: float = 0.1  #: weight of the long-term cycle loss
+    ss_start: float = 0.9  #: scheduled sampling: P(ground-truth colours at step 2) at the start ...
+    ss_end: float = 0.6  #: ... and after schedule_steps
+    schedule_steps: int | None = None  #: steps of the ss_start -> ss_end decay; null = the run's train.steps
+    ref_downsample: Literal["ids_bilinear", "onehot_bilinear"] = "ids_bilinear"  #: official: bilinear on ids
+    numerics: Literal["logsumexp", "official"] = "logsumexp"  #: exact log-probabilities, or log(p + 1e-8)
+    temperature: float = 1.0  #: correlation divisor (1 = official raw dot products)
+    jitter_prob: float = 0.1  #: ColorJitter probability per clip (encoder input only)
+    jitter_strength: float = 0.1
+    input_mean: tuple[float, float, float] = (0.0, 0.0, 0.0)  #: data normalisation to undo (recipes: none)
+    input_std: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    kmeans_samples: int = 100_000
+
+    def validate(self, prefix: str = "") -> None:
+        if self.radius < 1 or self.num_colours < 2 or (self.schedule_steps is not None and self.schedule_steps < 1):
+            raise ConfigError(f"{prefix}: radius >= 1, num_colours >= 2 and schedule_steps >= 1 (or null) are "
+                              "required")
+        if not 0 <= self.keep_prob <= 1 or not 0 <= self.jitter_prob <= 1:
+            raise ConfigError(f"{prefix}.keep_prob/jitter_prob: must lie in [0, 1]")
+        if self.centroids is not None and (len(self.centroids) != self.num_colours
+                                           or any(len(c) != 2 for c in self.centroids)):
+            raise ConfigError(f"{prefix}.centroids: expected {self.num_colours} [a, b] pairs")
+        if self.temperature <= 0:
+            raise ConfigError(f"{prefix}.temperature: must be > 0, got {self.temperature}")
+
+
+class CorrFlow(Objective):
     """CorrFlow objective over a shared stride-4 encoder.
 
     Args:
@@ -159,7 +197,7 @@ class CorrFlow(nn.Module):
         long_weight: weight of the long-term cycle loss (0.1).
         ss_start, ss_end: scheduled-sampling probability of using ground-truth colours for the second step,
             linear over ``schedule_steps`` optimisation steps (0.9 -> 0.6; the official code spans all iterations).
-        schedule_steps: steps over which the probability decays (set it to ``train.steps``).
+        schedule_steps: steps over which the probability decays (the recipe's ``null``: the run's steps).
         ref_downsample: ``"ids_bilinear"`` (official) or ``"onehot_bilinear"``.
         numerics: ``"logsumexp"`` (exact log-probabilities) or ``"official"`` (``log(p + 1e-8)``).
         temperature: logits are divided by it (1 = official raw dot products).
@@ -170,6 +208,20 @@ class CorrFlow(nn.Module):
     ``forward(batch, generator)``: ``batch["video"]`` ``(B, T >= 3, 3, H, W)``, the first three frames are the
     triplet; returns ``(loss, logs)``.
     """
+
+    Params = CorrFlowParams
+
+    @classmethod
+    def data_needs(cls, params: CorrFlowParams, data=None) -> DataNeeds:
+        """The first three frames are the triplet (frame 0 -> 1 -> 2, and the long cycle 0 -> 2)."""
+        return DataNeeds(clip_len=3, colour="rgb")
+
+    @classmethod
+    def from_params(cls, encoder: nn.Module, params: CorrFlowParams, ctx: BuildContext) -> "CorrFlow":
+        """``schedule_steps: null`` spans the run (``ctx.total_steps``)."""
+        kw = to_dict(params)
+        kw["schedule_steps"] = params.schedule_steps or ctx.total_steps
+        return cls(encoder, **kw)
 
     def __init__(self, encoder: nn.Module, *, radius: int = 6, num_colours: int = 16,
                  centroids: Sequence[Sequence[float]] | torch.Tensor | None = None, keep_prob: float = 0.3,

@@ -7,13 +7,18 @@ The loss is the contrastive random walk over palindromes (:func:`vidssl.losses.w
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
+
 import einops
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torchvision.ops import roi_align
 
+from vidssl.config import ConfigError
 from vidssl.losses.walk import walk_loss
+from vidssl.models.objective import BuildContext, DataNeeds, Objective
 
 
 def grid_patches(video: torch.Tensor, *, patch_size: int, patch_stride: int) -> torch.Tensor:
@@ -65,7 +70,28 @@ def jitter_patches(patches: torch.Tensor, *, scale: tuple[float, float], ratio: 
     return out.reshape(*lead, C, P, P)
 
 
-class CRW(nn.Module):
+@dataclass
+class CRWParams:
+    """Contrastive random walk (videowalk defaults)."""
+
+    embed_dim: int = 128  #: node embedding size after the linear head
+    temperature: float = 0.05  #: transition softmax temperature
+    edge_dropout: float = 0.1  #: edge dropout rate
+    patch_size: int = 64  #: node patch side (pixels)
+    patch_stride: int = 32  #: grid step between node patches
+    patch_jitter: tuple[float, float] | None = (0.7, 0.9)  #: per-patch random resized crop area range; null = off
+    min_length: int = 2  #: shortest palindrome half-length (the official code skips 1)
+
+    def validate(self, prefix: str = "") -> None:
+        if self.temperature <= 0:
+            raise ConfigError(f"{prefix}.temperature: must be > 0, got {self.temperature}")
+        if not 0 <= self.edge_dropout < 1:
+            raise ConfigError(f"{prefix}.edge_dropout: must lie in [0, 1), got {self.edge_dropout}")
+        if self.patch_size < 8 or self.patch_stride < 1:
+            raise ConfigError(f"{prefix}.patch_size/patch_stride: need patch_size >= 8 and patch_stride >= 1")
+
+
+class CRW(Objective):
     """Contrastive random walk objective over a shared frame encoder.
 
     Args:
@@ -78,6 +104,17 @@ class CRW(nn.Module):
         patch_jitter: area-scale range of the per-patch random resized crop ((0.7, 0.9)); ``None`` disables it.
         min_length: shortest palindrome half-length used by the loss (2, as the official code).
     """
+
+    Params = CRWParams
+
+    @classmethod
+    def data_needs(cls, params: CRWParams, data=None) -> DataNeeds:
+        """Every frame of the clip is a walk step; palindromes need ``min_length + 1`` frames."""
+        return DataNeeds(clip_len=params.min_length + 1)
+
+    @classmethod
+    def from_params(cls, encoder: nn.Module, params: CRWParams, ctx: BuildContext) -> "CRW":
+        return cls(encoder, **dataclasses.asdict(params))
 
     def __init__(self, encoder: nn.Module, *, embed_dim: int = 128, temperature: float = 0.05,
                  edge_dropout: float = 0.1, patch_size: int = 64, patch_stride: int = 32,

@@ -10,9 +10,14 @@ Module names follow torchvision (``conv1``, ``bn1``, ``layer1`` ... ``layer4``),
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable, Literal, Protocol, runtime_checkable
+
 import torch
 import torch.nn as nn
 import torchvision
+
+from vidssl.config import ConfigError
 
 _LAYERS = ("layer1", "layer2", "layer3", "layer4")
 _CHANNELS = {
@@ -62,7 +67,7 @@ class ResNetEncoder(nn.Module):
         keep = _LAYERS[: _LAYERS.index(out_layer) + 1]
         for name in keep:
             setattr(self, name, getattr(net, name))
-        self._layers = keep
+        self.layers: tuple[str, ...] = keep  #: stages built, in order
         self.out_channels = _CHANNELS[arch][out_layer]
         down = {"layer1": 4, "layer2": 8, "layer3": 16, "layer4": 32}[out_layer]
         self.stride = min(down, 8) if stride8 else down
@@ -70,10 +75,10 @@ class ResNetEncoder(nn.Module):
     def forward(self, x: torch.Tensor, *, upto: str | None = None) -> torch.Tensor:
         """``(B, 3, H, W)`` -> ``(B, C, h, w)``; ``upto`` stops at an earlier stage (e.g. ``"layer3"`` for CRW eval)."""
         stop = upto or self.out_layer
-        if stop not in self._layers:
-            raise ValueError(f"upto: {stop!r} is not built in this encoder (has {list(self._layers)})")
+        if stop not in self.layers:
+            raise ValueError(f"upto: {stop!r} is not built in this encoder (has {list(self.layers)})")
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))  # b 64 h/4 w/4
-        for name in self._layers:
+        for name in self.layers:
             x = getattr(self, name)(x)
             if name == stop:
                 break
@@ -107,10 +112,102 @@ class ResNetEncoder(nn.Module):
         return missing
 
 
+@runtime_checkable
+class Encoder(Protocol):
+    """What the engine and the evaluation need from a frame encoder.
+
+    ``forward(x, upto=None)`` maps ``(B, C_in, H, W)`` to ``(B, out_channels, H/stride, W/stride)`` and stops after
+    stage ``upto`` when given; ``layers`` lists the stages in order (the last is the training output);
+    ``channels_at`` / ``stride_at`` describe each stage; ``arch`` names it in the encoder registry.
+    """
+
+    arch: str
+    stride: int
+    out_channels: int
+    layers: tuple[str, ...]
+
+    def forward(self, x: torch.Tensor, *, upto: str | None = None) -> torch.Tensor: ...
+
+    def channels_at(self, layer: str) -> int: ...
+
+    def stride_at(self, layer: str) -> int: ...
+
+
+@dataclass
+class ModelConfig:
+    """The shared frame encoder (the ``model:`` section of a recipe; all an evaluation needs from a checkpoint)."""
+
+    #: a registered encoder: torchvision ResNets resnet18/34/50 (stride 8 with ``stride8``), or ``mast_resnet18``,
+    #: the CorrFlow/MAST stride-4 ResNet-18 (vidssl/models/mast_encoder.py; ``out_layer``/``eval_layer``/``stride8``
+    #: do not apply, its features are the 64-d ``head`` output); plugins add more with :func:`register_encoder`
+    encoder: str = "resnet18"
+    out_layer: Literal["layer1", "layer2", "layer3", "layer4"] = "layer4"  #: last stage used in training
+    eval_layer: Literal["layer1", "layer2", "layer3", "layer4"] = "layer3"  #: stage used for label propagation
+    stride8: bool = True  #: layer3/layer4 stride 1 (output stride 8)
+    padding_mode: Literal["zeros", "reflect"] = "reflect"
+    norm: Literal["batch", "group"] = "batch"  #: group norm makes CPU DDP exactly equal to one process
+    sync_bn: bool = True  #: convert BatchNorm to SyncBatchNorm under DDP on GPU
+    #: colour space of the frames the encoder reads (propagation feeds the same); auto = the objectives' (MAST: lab)
+    colour: Literal["auto", "rgb", "lab"] = "auto"
+
+    def validate(self, prefix: str = "model") -> None:
+        order = ["layer1", "layer2", "layer3", "layer4"]
+        if order.index(self.eval_layer) > order.index(self.out_layer):
+            raise ConfigError(f"{prefix}.eval_layer: {self.eval_layer!r} comes after out_layer {self.out_layer!r}")
+
+
+def _resnet(cfg: ModelConfig) -> nn.Module:
+    return ResNetEncoder(cfg.encoder, out_layer=cfg.out_layer, stride8=cfg.stride8, padding_mode=cfg.padding_mode)
+
+
+def _mast(cfg: ModelConfig) -> nn.Module:
+    from vidssl.models.mast_encoder import MASTEncoder
+
+    return MASTEncoder(padding_mode=cfg.padding_mode)
+
+
+def _builtin_encoders() -> dict[str, Callable[[ModelConfig], nn.Module]]:
+    return {"resnet18": _resnet, "resnet34": _resnet, "resnet50": _resnet, "mast_resnet18": _mast}
+
+
+_ENCODERS: dict[str, Callable[[ModelConfig], nn.Module]] = _builtin_encoders()  #: the encoder registry
+
+
+def register_encoder(name: str, factory: Callable[[ModelConfig], nn.Module], *, replace: bool = False) -> None:
+    """Make ``model.encoder: <name>`` build ``factory(model_config)`` (an :class:`Encoder`)."""
+    if name in _ENCODERS and not replace and _ENCODERS[name] is not factory:
+        raise ValueError(f"encoder {name!r} is already registered")
+    _ENCODERS[name] = factory
+
+
+def encoder_names() -> list[str]:
+    return sorted(_ENCODERS)
+
+
+def _batchnorm_to_groupnorm(module: nn.Module, groups: int = 32) -> None:
+    for name, child in module.named_children():
+        if isinstance(child, nn.BatchNorm2d):
+            setattr(module, name, nn.GroupNorm(min(groups, child.num_features), child.num_features))
+        else:
+            _batchnorm_to_groupnorm(child, groups)
+
+
+def build_model_encoder(cfg: ModelConfig) -> nn.Module:
+    """The encoder a ``model:`` section describes: the one place training and evaluation build encoders."""
+    if cfg.encoder not in _ENCODERS:
+        raise ConfigError(f"model.encoder: unknown encoder {cfg.encoder!r}; available: {', '.join(encoder_names())} "
+                          "(others: register_encoder from a --plugin module)")
+    enc = _ENCODERS[cfg.encoder](cfg)
+    if cfg.norm == "group":
+        _batchnorm_to_groupnorm(enc)
+    return enc
+
+
 def build_encoder(name: str = "resnet18", *, out_layer: str = "layer4", stride8: bool = True,
-                  padding_mode: str = "reflect") -> ResNetEncoder:
-    """Build a frame encoder by name (see :class:`ResNetEncoder`)."""
-    return ResNetEncoder(name, out_layer=out_layer, stride8=stride8, padding_mode=padding_mode)
+                  padding_mode: str = "reflect") -> nn.Module:
+    """Build a registered frame encoder by name (keyword arguments as in :class:`ModelConfig`)."""
+    return build_model_encoder(ModelConfig(encoder=name, out_layer=out_layer, stride8=stride8,
+                                           padding_mode=padding_mode))
 
 
-ENCODERS = tuple(_CHANNELS)
+ENCODERS = tuple(_CHANNELS)  #: the torchvision ResNet trunks

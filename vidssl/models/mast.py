@@ -28,17 +28,21 @@ sampler (``out_of_image="zero"``: logit 0, zero value) unless ``"mask"`` is chos
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from dataclasses import dataclass
 from typing import Literal, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from vidssl.config import ConfigError, to_dict
 from vidssl.losses.reconstruction import huber_reconstruction
 from vidssl.models.corrflow import _rand, input_rgb
 from vidssl.models.lab import normalise_lab, rgb_to_lab
 from vidssl.models.local_attention import expected_offset, local_attention
+from vidssl.models.objective import BuildContext, DataNeeds, Objective
 
 __all__ = ["MAST", "lab_channel_dropout"]
 
@@ -73,7 +77,47 @@ def subsample_to_features(x: torch.Tensor, size: tuple[int, int], stride: int = 
     return out
 
 
-class MAST(nn.Module):
+def _min_clip_len(stage: str, pair_gaps: Sequence[int] | None, long_term: Sequence[int],
+                  short_term: Sequence[int]) -> int:
+    """Frames a clip must have: pairwise reads frame 0 and frame ``max(pair_gaps)`` (or the last of 2); multiframe
+    reads its references, distinct and before the target (the last frame)."""
+    if stage == "pairwise":
+        return 2 if pair_gaps is None else max(pair_gaps) + 1
+    refs_all = list(long_term) + list(short_term)
+    for t in range(2, 1000):
+        refs = [i % t for i in refs_all if -t <= i < t]
+        if len(refs) == len(refs_all) and len(set(refs)) == len(refs) and max(refs) < t - 1:
+            return t
+    raise ValueError(f"long_term/short_term: {list(long_term)} + {list(short_term)} never fit a clip")
+
+
+@dataclass
+class MASTParams:
+    """MAST (zlai0/MAST defaults + the sqrt(C) fix; see :class:`vidssl.models.MAST`)."""
+
+    stage: Literal["pairwise", "multiframe"] = "pairwise"  #: multiframe = paper stage 2, not in the official code
+    radius: int = 6  #: training window half-size (13x13)
+    sqrt_c_scaling: bool = True  #: divide correlations by sqrt(C) (needed on current PyTorch); false = official
+    out_of_image: Literal["zero", "mask"] = "zero"  #: official sampler: out-of-image entries score 0, copy 0
+    huber_scale: float = 20.0
+    pair_gaps: list[int] | None = None  #: pairwise target frame gap choices (official [2, 5, 8]); null = last frame
+    pair_probs: list[float] | None = None  #: their probabilities (official [0.4, 0.4, 0.2])
+    long_term: list[int] = dataclasses.field(default_factory=lambda: [0, 1])  #: multiframe references
+    short_term: list[int] = dataclasses.field(default_factory=lambda: [-3, -2])
+    roi: bool = True  #: ROI localisation of long-term references (multiframe)
+    roi_radius: int | None = None  #: coarse search half-size (default: radius)
+    roi_dilation: int = 2
+    input_mean: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    input_std: tuple[float, float, float] = (1.0, 1.0, 1.0)
+
+    def validate(self, prefix: str = "") -> None:
+        if self.radius < 1 or self.roi_dilation < 1:
+            raise ConfigError(f"{prefix}: radius and roi_dilation must be >= 1")
+        if self.pair_probs is not None and self.pair_gaps is None:
+            raise ConfigError(f"{prefix}.pair_probs: needs pair_gaps")
+
+
+class MAST(Objective):
     """MAST objective over a shared stride-4 encoder.
 
     Args:
@@ -94,6 +138,18 @@ class MAST(nn.Module):
 
     ``forward(batch, generator)``: ``batch["video"]`` ``(B, T, 3, H, W)``; returns ``(loss, logs)``.
     """
+
+    Params = MASTParams
+
+    @classmethod
+    def data_needs(cls, params: MASTParams, data=None) -> DataNeeds:
+        """Pairwise: frame 0 and the target gap's frame; multiframe: the references and the last frame (Lab input)."""
+        return DataNeeds(clip_len=_min_clip_len(params.stage, params.pair_gaps, params.long_term, params.short_term),
+                         colour="lab")
+
+    @classmethod
+    def from_params(cls, encoder: nn.Module, params: MASTParams, ctx: BuildContext) -> "MAST":
+        return cls(encoder, **to_dict(params))
 
     def __init__(self, encoder: nn.Module, *, stage: Literal["pairwise", "multiframe"] = "pairwise",
                  radius: int = 6, sqrt_c_scaling: bool = True, out_of_image: Literal["zero", "mask"] = "zero",
@@ -132,14 +188,7 @@ class MAST(nn.Module):
     @property
     def min_clip_len(self) -> int:
         """Frames a clip must have for this configuration."""
-        if self.stage == "pairwise":
-            return 2 if self.pair_gaps is None else max(self.pair_gaps) + 1
-        for t in range(2, 1000):  # references: distinct frames before the target (the last frame)
-            refs = [i % t for i in self.long_term + self.short_term if -t <= i < t]
-            if len(refs) == len(self.long_term + self.short_term) and len(set(refs)) == len(refs) \
-                    and max(refs) < t - 1:
-                return t
-        raise ValueError(f"long_term/short_term: {self.long_term} + {self.short_term} never fit a clip")
+        return _min_clip_len(self.stage, self.pair_gaps, self.long_term, self.short_term)
 
     def temperature(self, channels: int) -> float:
         """Divisor of the correlations: ``sqrt(C)`` with ``sqrt_c_scaling``, else 1."""

@@ -82,7 +82,7 @@ class MASTEncoder(nn.Module):
         self.head = nn.Conv2d(256, out_channels, 3, stride=1, padding=1, padding_mode=padding_mode)
         self.out_channels = out_channels
         self.stride = 4
-        self._layers = _LAYERS
+        self.layers: tuple[str, ...] = _LAYERS  #: stages, in order
 
     def forward(self, x: torch.Tensor, *, upto: str | None = None) -> torch.Tensor:
         """``x: (B, in_channels, H, W)`` -> ``(B, C, h, w)``; ``upto`` stops after an earlier stage."""

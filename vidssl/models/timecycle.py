@@ -36,12 +36,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from vidssl.config import ConfigError, to_dict
 from vidssl.losses.cycle import OFFSET_FACTOR, affine_grid, timecycle_loss
+from vidssl.models.objective import BuildContext, DataNeeds, Objective
 
 LocalizerFn = Callable[[torch.Tensor], torch.Tensor]
-
-
 # ------------------------------------------------------------------------------------------------------ geometry
+
 
 def theta_from_params(params: torch.Tensor, *, scale: float = 1 / 3) -> torch.Tensor:
     """Affine matrices from the localiser's ``(t_x, t_y, phi)``.
@@ -315,7 +316,41 @@ class CycleOutputs:
     map_size: tuple[int, int]
 
 
-class TimeCycle(nn.Module):
+@dataclass
+class TimeCycleParams:
+    """TimeCycle (xiaolonw/TimeCycle train_video_cycle_simple.py / model_simple.py defaults)."""
+
+    feat_dim: int = 512  #: channels of the 1x1 conv head on res4
+    temperature: float = 0.044194173824159216  #: affinity temperature, 512 ** -0.5
+    num_past: int = 4  #: past frames tracked through (videoLen)
+    target_index: int = 8  #: clip position of the target frame ((videoLen + predDistance) * frame_gap / data.stride)
+    frame_size: int = 240  #: training frame side (must equal data.crop_size)
+    patch_size: int = 80  #: target patch side in pixels (cropSize2); patch_size / frame_size is the fixed scale
+    offset_factor: float = 1.0809523809523809  #: 227/210 translation factor of the feature sampler (official quirk)
+    motion_patches: bool = True  #: centre patches on high-motion windows (needs the frame after the target)
+    motion_grid: int = 9  #: grid cells per side for the motion score (gridSize)
+    motion_top: int = 10  #: patch centre drawn among this many highest-motion windows
+    max_rotation: float = 45.0  #: patch rotation drawn in +-max_rotation degrees
+    jitter: float = 0.08333333333333333  #: +-1/12 jitter of the patch centre
+    cycle_weight: float = 0.02  #: weight of the tracking-cycle L_theta (0.2 * lamda 0.1)
+    skip_weight: float = 0.1  #: weight of the skip-cycle L_theta (lamda)
+    sim_weight: float = 1.0  #: weight of the feature-similarity (inlier count) term
+    grid_size: int = 20  #: points per side of the L_theta grid
+
+    def validate(self, prefix: str = "") -> None:
+        if self.temperature <= 0:
+            raise ConfigError(f"{prefix}.temperature: must be > 0, got {self.temperature}")
+        if self.num_past < 1 or self.target_index < self.num_past:
+            raise ConfigError(f"{prefix}.num_past/target_index: need num_past >= 1 and target_index >= num_past, "
+                              f"got {self.num_past}, {self.target_index}")
+        if not 0 < self.patch_size < self.frame_size:
+            raise ConfigError(f"{prefix}.patch_size: must lie in (0, frame_size={self.frame_size}), got "
+                              f"{self.patch_size}")
+        if self.motion_grid < 3 or self.motion_top < 1:
+            raise ConfigError(f"{prefix}.motion_grid/motion_top: need motion_grid >= 3 and motion_top >= 1")
+
+
+class TimeCycle(Objective):
     """TimeCycle objective over a shared frame encoder.
 
     Args:
@@ -336,6 +371,17 @@ class TimeCycle(nn.Module):
     ``forward(batch, generator=None) -> (loss, logs)`` with ``batch["video"]: (B, L, 3, S, S)``, ``L >
     target_index`` (``> target_index + 1`` with motion patches).
     """
+
+    Params = TimeCycleParams
+
+    @classmethod
+    def data_needs(cls, params: TimeCycleParams, data=None) -> DataNeeds:
+        """Past frames ``0..num_past-1``, the target ``target_index`` and, for motion patches, the frame after it."""
+        return DataNeeds(clip_len=params.target_index + (2 if params.motion_patches else 1))
+
+    @classmethod
+    def from_params(cls, encoder: nn.Module, params: TimeCycleParams, ctx: BuildContext) -> "TimeCycle":
+        return cls(encoder, **to_dict(params))
 
     def __init__(self, encoder: nn.Module, *, feat_dim: int = 512, temperature: float = 512 ** -0.5,
                  num_past: int = 4, target_index: int = 8, frame_size: int = 240, patch_size: int = 80,

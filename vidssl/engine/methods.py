@@ -1,0 +1,27 @@
+"""The table of built-in methods: objective name -> its :class:`~vidssl.models.objective.Objective` class.
+
+Each class carries its own ``Params`` dataclass (next to the model, in ``vidssl/models/<method>.py``). Methods from
+outside vidssl join through :func:`vidssl.engine.register_objective`, a ``--plugin module.path`` or the
+``vidssl.objectives`` entry-point group; none of them needs an edit here.
+"""
+
+from __future__ import annotations
+
+from vidssl.models.corrflow import CorrFlow
+from vidssl.models.crw import CRW
+from vidssl.models.mast import MAST
+from vidssl.models.objective import Objective
+from vidssl.models.timecycle import TimeCycle
+
+
+def builtin_methods() -> dict[str, type[Objective]]:
+    """A fresh copy of the built-in table."""
+    return {
+        "crw": CRW,  # Jabri et al. 2020, contrastive random walk
+        "corrflow": CorrFlow,  # Lai & Xie 2019, Correspondence Flow
+        "mast": MAST,  # Lai, Lu, Xie 2020, memory-augmented self-supervised tracker
+        "timecycle": TimeCycle,  # Wang, Jabri, Efros 2019, cycle-consistency of time
+    }
+
+
+__all__ = ["builtin_methods"]
