@@ -14,6 +14,7 @@ import vidssl.data.loader as L
 from vidssl.config import ConfigError
 from vidssl.data import DataConfig, build_loader
 from vidssl.data.manifest import ManifestError
+from vidssl.io import write_video
 
 
 def write_frames(folder: Path, n: int, *, seed: int, size=(20, 28)) -> Path:
@@ -231,20 +232,8 @@ def test_gpu_path_matches_cpu_path(tmp_path):
 # ----------------------------------------------------------------------------------------------- encoded video
 
 def write_mp4(path: Path, n: int, *, seed: int, size=(24, 32)) -> Path:
-    av = pytest.importorskip("av")
-    rng = np.random.default_rng(seed)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with av.open(str(path), "w") as out:
-        stream = out.add_stream("mpeg4", rate=10)
-        stream.width, stream.height, stream.pix_fmt = size[1], size[0], "yuv420p"
-        for k in range(n):
-            frame = av.VideoFrame.from_ndarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8), format="rgb24")
-            frame.pts = k
-            for packet in stream.encode(frame):
-                out.mux(packet)
-        for packet in stream.encode():
-            out.mux(packet)
-    return path
+    frames = np.random.default_rng(seed).integers(0, 256, (n, *size, 3), dtype=np.uint8)
+    return write_video(path, frames, fps=10, codec="mpeg4")
 
 
 def test_video_source_through_manifest(tmp_path):
@@ -331,13 +320,12 @@ def test_keyframe_aligned_clips_start_on_keyframes(tmp_path):
     from vidssl.data.datasets import ClipDataset
     from vidssl.data.manifest import VideoEntry
     from vidssl.data.synthetic import decode_frame_index, frame_index_video
-    from vidssl.data.synthetic import write_mp4 as write_h264
     from vidssl.io import open_video
 
-    path = write_h264(tmp_path / "g10.mp4", frame_index_video(40, 64, 64), gop=10)
+    path = write_video(tmp_path / "g10.mp4", frame_index_video(40, 64, 64), gop=10)
     with open_video(path, backend="pyav") as r:
-        keys = r.keyframe_indices  # x264 may add scene-cut keyframes to the interval-10 ones
-    assert len(keys) >= 4 and keys[0] == 0
+        keys = r.keyframe_indices
+    assert keys == [0, 10, 20, 30]  # write_video's gop: a keyframe exactly every 10 frames
     entry = VideoEntry(name="g10", path=str(path), kind="video", num_frames=40)
     ds = ClipDataset([entry], clip_len=8, stride=1, clips_per_video=40, keyframe_aligned=True, backend="pyav")
     starts = set()
@@ -346,7 +334,7 @@ def test_keyframe_aligned_clips_start_on_keyframes(tmp_path):
         assert clip.indices == list(range(clip.indices[0], clip.indices[0] + 8))
         assert [decode_frame_index(f) for f in clip.frames.permute(0, 2, 3, 1).numpy()] == clip.indices
         starts.add(clip.indices[0])
-    assert starts == {k for k in keys if k <= 40 - 8}
+    assert starts == {0, 10, 20, 30}
     plain = ClipDataset([entry], clip_len=8, stride=1, clips_per_video=40, backend="pyav")
     assert len({plain.load_clip(i).indices[0] for i in range(40)}) > 4  # the default draws any start
     with pytest.raises(ValueError, match="keyframe_aligned"):

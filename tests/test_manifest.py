@@ -21,6 +21,7 @@ from vidssl.data.manifest import (
     read_split,
     select_entries,
 )
+from vidssl.io import write_video
 
 
 def write_frames(folder: Path, n: int, size=(12, 16), ext=".jpg") -> Path:
@@ -188,25 +189,14 @@ def test_davis2016_pair_list_format(tmp_path):
 
 
 def test_video_files_are_indexed(tmp_path):
-    av = pytest.importorskip("av")
     root = tmp_path / "videos"
-    root.mkdir()
-    path = root / "clip.mp4"
-    with av.open(str(path), "w") as out:
-        stream = out.add_stream("mpeg4", rate=10)
-        stream.width, stream.height, stream.pix_fmt = 32, 24, "yuv420p"
-        for k in range(6):
-            frame = av.VideoFrame.from_ndarray(np.full((24, 32, 3), 30 * k, dtype=np.uint8), format="rgb24")
-            frame.pts = k
-            for packet in stream.encode(frame):
-                out.mux(packet)
-        for packet in stream.encode():
-            out.mux(packet)
+    frames = np.stack([np.full((24, 32, 3), 30 * k, dtype=np.uint8) for k in range(6)])
+    write_video(root / "clip.mp4", frames, fps=10, codec="mpeg4")
     (root / "junk.mp4").write_bytes(b"\x00\x01 not a video")
     entries, failures = build_manifest(root, tmp_path / "m.jsonl", progress=False)
     (e,) = entries
     assert (e.name, e.kind, e.num_frames, e.height, e.width) == ("clip", "video", 6, 24, 32)
-    assert e.fps == pytest.approx(10) and e.codec
+    assert e.fps == pytest.approx(10) and e.codec == "mpeg4"
     assert [Path(f["path"]).name for f in failures] == ["junk.mp4"]
 
 

@@ -7,12 +7,12 @@ import sys
 from fractions import Fraction
 from pathlib import Path
 
-import av
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from vidssl.io import write_video
 from vidssl.io.video import PyAVReader
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,23 +39,8 @@ def _frame(i: int, h: int, w: int) -> np.ndarray:
 
 def write_source(path: Path, n: int, *, h: int = 96, w: int = 160, gop: int = 250, rotation: int | None = None,
                  rate: Fraction = Fraction(25)) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with av.open(str(path), "w") as c:
-        s = c.add_stream("libx264", rate=rate)
-        s.width, s.height, s.pix_fmt = w, h, "yuv420p"
-        tb = Fraction(1) / rate  # the muxer may change s.time_base once writing starts: keep our own
-        s.time_base = s.codec_context.time_base = tb
-        s.options = {"g": str(gop), "crf": "10", "preset": "ultrafast"}
-        if rotation is not None:
-            s.set_display_rotation(rotation)
-        for i in range(n):
-            f = av.VideoFrame.from_ndarray(_frame(i, h, w), format="rgb24")
-            f.pts, f.time_base = i, tb
-            for p in s.encode(f):
-                c.mux(p)
-        for p in s.encode():
-            c.mux(p)
-    return path
+    return write_video(path, np.stack([_frame(i, h, w) for i in range(n)]), fps=rate, gop=gop, crf=10,
+                       preset="ultrafast", rotation=rotation)
 
 
 def square_x(frame_chw: torch.Tensor) -> float:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from fractions import Fraction
 
 import av
 import numpy as np
@@ -18,10 +17,10 @@ from vidssl.data.synthetic import (
     generate_multishot,
     generate_video,
     write_davis,
-    write_mp4,
     write_multishot,
     write_videos,
 )
+from vidssl.io import write_video
 from vidssl.io.images import DAVIS_PALETTE, read_image, read_label_png
 
 SMALL = SynthConfig(num_frames=8, height=64, width=64)
@@ -250,42 +249,6 @@ def test_davis_is_cached_and_refuses_foreign_folders(tmp_path):
 # ---------------------------------------------------------------------------------------------- mp4
 
 
-def test_lossless_mp4_round_trip_is_exact(tmp_path):
-    frames = generate_video(0, dataclasses.replace(SMALL, height=33, width=47)).frames  # odd size is fine
-    path = write_mp4(tmp_path / "v.mp4", frames, lossless=True)
-    decoded, pts, _ = _decode(path)
-    assert len(decoded) == len(frames)
-    assert pts == sorted(set(pts))  # explicit, increasing timestamps
-    for got, want in zip(decoded, frames):
-        np.testing.assert_array_equal(got, want)
-    assert [p.name for p in tmp_path.iterdir()] == ["v.mp4"]  # no temp file left
-
-
-def test_lossy_mp4_frame_count_gop_and_quality(tmp_path):
-    frames = generate_video(2, dataclasses.replace(SMALL, num_frames=20)).frames
-    path = write_mp4(tmp_path / "v.mp4", frames, fps=Fraction(30000, 1001), gop=6)
-    decoded, _, keys = _decode(path)
-    assert len(decoded) == 20 and decoded[0].shape == frames[0].shape
-    key_at = [i for i, k in enumerate(keys) if k]
-    assert key_at[0] == 0 and len(key_at) >= 3 and max(np.diff(key_at + [20])) <= 6
-    error = np.mean([np.abs(a.astype(int) - b).mean() for a, b in zip(decoded, frames)])
-    unrelated = np.abs(frames.astype(int) - frames[:, ::-1, ::-1]).mean()
-    assert error < 0.5 * unrelated
-    with av.open(str(path)) as container:
-        assert container.streams.video[0].average_rate == Fraction(30000, 1001)
-
-
-def test_mp4_rejects_bad_input(tmp_path):
-    odd = np.zeros((2, 33, 48, 3), dtype=np.uint8)
-    with pytest.raises(ValueError, match="even"):
-        write_mp4(tmp_path / "odd.mp4", odd)
-    with pytest.raises(ValueError, match="uint8"):
-        write_mp4(tmp_path / "f.mp4", np.zeros((2, 32, 32, 3), dtype=np.float32))
-    with pytest.raises(ValueError, match="suffix"):
-        write_mp4(tmp_path / "f.gif", np.zeros((2, 32, 32, 3), dtype=np.uint8))
-    assert list(tmp_path.iterdir()) == []
-
-
 def test_write_videos(tmp_path):
     cfg = dataclasses.replace(SMALL, num_frames=4)
     paths = write_videos(tmp_path, cfg, num_videos=2, lossless=True)
@@ -337,7 +300,7 @@ def test_frame_index_survives_lossy_coding(tmp_path):
     frames = frame_index_video(70, 32, 48)
     assert frames.shape == (70, 32, 48, 3) and frames.dtype == np.uint8
     assert [decode_frame_index(f) for f in frames] == list(range(70))
-    decoded, _, _ = _decode(write_mp4(tmp_path / "idx.mp4", frames, gop=10))
+    decoded, _, _ = _decode(write_video(tmp_path / "idx.mp4", frames, gop=10))
     assert [decode_frame_index(f) for f in decoded] == list(range(70))
     assert decode_frame_index(frames[45].transpose(2, 0, 1)) == 45  # (3, H, W) works too
     with pytest.raises(ValueError, match="neither black nor white"):

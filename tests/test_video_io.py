@@ -1,7 +1,7 @@
 """Encoded-video readers (vidssl.io.video): frame accuracy across backends, metadata, bad input.
 
-Test videos are written here with PyAV: small, losslessly encoded, and every frame draws its own index as a row of
-black/white blocks, so a decoded frame tells which frame it is (independently of any backend).
+Test videos are written with :func:`vidssl.io.write_video`: small, losslessly encoded, and every frame draws its own
+index as a row of black/white blocks, so a decoded frame tells which frame it is (independently of any backend).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+from vidssl.io import write_video
 from vidssl.io.base import DecodeError, FrameReader
 from vidssl.io.video import (
     BackendUnavailableError,
@@ -61,42 +62,17 @@ def read_index(frame_chw: torch.Tensor) -> int:
     return sum(int(v) << b for b, v in enumerate(bits))
 
 
-def write_video(
-    path: Path,
-    num_frames: int,
-    *,
-    h: int = 48,
-    w: int = 112,
-    codec: str = "libx264rgb",
-    pix_fmt: str = "rgb24",
-    rate: Fraction = Fraction(25),
-    options: dict | None = None,
-    pts: list[int] | None = None,
-    time_base: Fraction | None = None,
-    rotation: int | None = None,
-    fmt: str | None = None,
-) -> Path:
-    """Write a losslessly encoded index video (explicit pts; ``pts``/``time_base`` for variable frame rates)."""
-    if options is None:
-        options = {"qp": "0", "g": "10", "keyint_min": "10", "sc_threshold": "0", "bframes": "0"}
-    tb = time_base or Fraction(1) / rate
-    with av.open(str(path), "w", format=fmt) as c:
-        s = c.add_stream(codec, rate=rate)
-        s.width, s.height, s.pix_fmt = w, h, pix_fmt
-        s.time_base = tb
-        s.codec_context.time_base = tb
-        s.options = options
-        if rotation is not None:
-            s.set_display_rotation(rotation)
-        for i in range(num_frames):
-            f = av.VideoFrame.from_ndarray(index_frame(i, h, w), format="rgb24")
-            f.pts = pts[i] if pts is not None else i
-            f.time_base = tb
-            for p in s.encode(f):
-                c.mux(p)
-        for p in s.encode():
-            c.mux(p)
-    return path
+#: lossless H.264, a keyframe every 10 frames, no B-frames (the index videos' default)
+LOSSLESS_GOP10 = {"qp": "0", "g": "10", "keyint_min": "10", "sc_threshold": "0", "bframes": "0"}
+
+
+def index_video(path: Path, num_frames: int, *, h: int = 48, w: int = 112, codec: str = "libx264rgb",
+                rate: Fraction = Fraction(25), options: dict | None = None, **kw) -> Path:
+    """An index video written by :func:`vidssl.io.write_video` (``kw``: its pix_fmt, pts, time_base, rotation,
+    container_format)."""
+    frames = np.stack([index_frame(i, h, w) for i in range(num_frames)])
+    return write_video(path, frames, fps=rate, codec=codec, options=LOSSLESS_GOP10 if options is None else options,
+                       **kw)
 
 
 @pytest.fixture(scope="module")
@@ -108,19 +84,19 @@ def videos(tmp_path_factory) -> dict[str, Path]:
         vfr_pts.append(vfr_pts[-1] + rng.choice([20, 33, 40, 67, 100]))  # irregular gaps, time base 1/1000
     return {
         # lossless RGB H.264, keyframe every 10 frames, no B-frames
-        "rgb": write_video(d / "rgb.mp4", 45),
+        "rgb": index_video(d / "rgb.mp4", 45),
         # lossless (in YUV) H.264 with B-frames, NTSC rate 30000/1001
-        "bframes_ntsc": write_video(
+        "bframes_ntsc": index_video(
             d / "bframes.mp4", 50, codec="libx264", pix_fmt="yuv420p", rate=Fraction(30000, 1001),
             options={"qp": "0", "g": "12", "keyint_min": "12", "sc_threshold": "0", "bframes": "3",
                      "b_pyramid": "normal"},
         ),
         # variable frame rate: explicit irregular pts
-        "vfr": write_video(d / "vfr.mkv", 40, rate=Fraction(25), pts=vfr_pts, time_base=Fraction(1, 1000)),
+        "vfr": index_video(d / "vfr.mkv", 40, rate=Fraction(25), pts=vfr_pts, time_base=Fraction(1, 1000)),
         # display-matrix rotation of 90 degrees (counter-clockwise)
-        "rot90": write_video(d / "rot90.mp4", 12, h=64, w=128, rotation=90),
+        "rot90": index_video(d / "rot90.mp4", 12, h=64, w=128, rotation=90),
         # decord 0.6 mis-decodes this one (rotated width 48); it must say so rather than return garbage
-        "rot90_narrow": write_video(d / "rot90_narrow.mp4", 12, h=48, w=112, rotation=90),
+        "rot90_narrow": index_video(d / "rot90_narrow.mp4", 12, h=48, w=112, rotation=90),
     }
 
 
@@ -215,7 +191,7 @@ CONTAINERS = {
 @pytest.mark.parametrize("case", sorted(CONTAINERS))
 def test_containers_and_codecs(tmp_path, case):
     suffix, codec, options = CONTAINERS[case]
-    path = write_video(tmp_path / f"v.{suffix}", 30, codec=codec, pix_fmt="yuv420p", options=options)
+    path = index_video(tmp_path / f"v.{suffix}", 30, codec=codec, pix_fmt="yuv420p", options=options)
     ref = full_decode(path)
     idx = [29, 3, 15, 16, 0, 3]
     for b in BACKENDS:
@@ -230,7 +206,7 @@ def test_containers_and_codecs(tmp_path, case):
 def test_avi_with_bframes_pyav(tmp_path):
     # MPEG-4 Part 2 in AVI with B-frames: torchcodec 0.17 fails to decode it and decord 0.6 returns wrong frames
     # (seen here); the PyAV reader maps frames by their timestamps and gets them right.
-    path = write_video(tmp_path / "v.avi", 30, codec="mpeg4", pix_fmt="yuv420p",
+    path = index_video(tmp_path / "v.avi", 30, codec="mpeg4", pix_fmt="yuv420p",
                        options={"qscale": "2", "g": "10", "bf": "2"})
     ref = full_decode(path)
     with PyAVReader(path) as r:
@@ -242,7 +218,8 @@ def test_avi_with_bframes_pyav(tmp_path):
 
 
 def test_stream_without_timestamps_is_read_in_decode_order(tmp_path):
-    path = write_video(tmp_path / "raw.h264", 23, fmt="h264")  # raw Annex-B stream: no container timestamps
+    # raw Annex-B stream: no container timestamps
+    path = index_video(tmp_path / "raw.h264", 23, container_format="h264")
     ref = full_decode(path)
     with PyAVReader(path) as r:
         assert r.num_frames == 23

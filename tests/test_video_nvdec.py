@@ -9,7 +9,8 @@ av = pytest.importorskip("av")
 
 from av.video.reformatter import Interpolation  # noqa: E402
 
-from vidssl.data.synthetic import decode_frame_index, frame_index_video, write_mp4  # noqa: E402
+from vidssl.data.synthetic import decode_frame_index, frame_index_video  # noqa: E402
+from vidssl.io import write_video  # noqa: E402
 from vidssl.io import open_video  # noqa: E402
 from vidssl.io.color import matrix_for_colorspace, nv12_to_rgb, yuv_to_rgb  # noqa: E402
 from vidssl.io.video import BackendUnavailableError, nvdec_available, resolve_backend  # noqa: E402
@@ -101,7 +102,7 @@ def test_matrix_codes_and_bad_input():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without a GPU")
 def test_cuda_without_gpu_is_a_clear_error(tmp_path):
-    path = write_mp4(tmp_path / "v.mp4", frame_index_video(4, 32, 32))
+    path = write_video(tmp_path / "v.mp4", frame_index_video(4, 32, 32))
     with pytest.raises(BackendUnavailableError, match="no CUDA GPU"):
         open_video(path, backend="pyav", device="cuda")
     with pytest.raises(BackendUnavailableError, match="NVDEC"):
@@ -113,7 +114,7 @@ def test_cuda_without_gpu_is_a_clear_error(tmp_path):
 @pytest.mark.skipif(not nvdec_available(), reason="needs a CUDA GPU and PyAV's FFmpeg with the CUDA hwaccel")
 def test_nvdec_frames_match_the_cpu_reader(tmp_path):
     frames = frame_index_video(40, 96, 128)
-    path = write_mp4(tmp_path / "idx.mp4", frames, gop=10)
+    path = write_video(tmp_path / "idx.mp4", frames, gop=10)
     want = [0, 3, 17, 18, 39, 5, 5]
     with open_video(path, backend="pyav") as cpu, open_video(path, backend="pyav", device="cuda") as gpu:
         assert gpu.device.type == "cuda" and gpu.num_frames == cpu.num_frames == 40

@@ -57,8 +57,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from vidssl.data import samplers
-from vidssl.io.atomic import atomic_path, atomic_write_text
+from vidssl.io.atomic import atomic_write_text
 from vidssl.io.video import available_backends, open_video, resolve_backend
+from vidssl.io.writer import write_video
 
 RAW_BACKENDS = ("raw-pyav", "raw-tc", "raw-tc-approx", "raw-decord")
 
@@ -91,25 +92,10 @@ def textured_frames(height: int, width: int, num_frames: int, *, seed: int = 0, 
 def make_video(path: Path, *, height: int, width: int, gop: int, num_frames: int = 300, fps: int = 30,
                preset: str = "fast", seed: int = 0) -> Path:
     """Write (once; cached) an H.264 test video with a keyframe exactly every ``gop`` frames."""
-    import av
-
     if path.is_file() and path.stat().st_size > 0:
         return path
-    tb = Fraction(1, fps)
-    with atomic_path(path, suffix=".part.mp4") as tmp:
-        with av.open(str(tmp), "w", format="mp4") as c:
-            s = c.add_stream("libx264", rate=fps)
-            s.width, s.height, s.pix_fmt = width, height, "yuv420p"
-            s.time_base = s.codec_context.time_base = tb
-            s.options = {"g": str(gop), "keyint_min": str(gop), "sc_threshold": "0", "crf": "23", "preset": preset}
-            for i, img in enumerate(textured_frames(height, width, num_frames, seed=seed)):
-                frame = av.VideoFrame.from_ndarray(img, format="rgb24")
-                frame.pts, frame.time_base = i, tb
-                for p in s.encode(frame):
-                    c.mux(p)
-            for p in s.encode():
-                c.mux(p)
-    return path
+    return write_video(path, textured_frames(height, width, num_frames, seed=seed), fps=fps, gop=gop, crf=23,
+                       preset=preset)
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -38,7 +38,8 @@ from typing import Sequence
 
 import numpy as np
 
-from vidssl.io.atomic import atomic_path, atomic_write_text
+from vidssl.io.atomic import atomic_write_text
+from vidssl.io.writer import write_video
 
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".mpg", ".mpeg", ".flv", ".ts", ".3gp")
 
@@ -120,7 +121,7 @@ def reencode_video(src: str | os.PathLike, dst: str | os.PathLike, *, short_side
     if gop < 1:
         raise ValueError(f"gop: must be >= 1, got {gop}")
     src, dst = Path(src), Path(dst)
-    n = 0
+    facts: dict = {"frames": 0}
     with av.open(str(src)) as inp:
         if not inp.streams.video:
             raise ValueError(f"{src}: no video stream")
@@ -128,45 +129,33 @@ def reencode_video(src: str | os.PathLike, dst: str | os.PathLike, *, short_side
         ist.codec_context.thread_count = threads
         rate = ist.average_rate or ist.guessed_rate or Fraction(30)
         time_base = ist.time_base or Fraction(1) / rate
-        with atomic_path(dst, suffix=".part.mp4") as tmp:
-            with av.open(str(tmp), "w", format="mp4") as outc:
-                ost = None
-                size = None
-                last_pts = None
-                for frame in inp.decode(ist):
-                    rotation = getattr(frame, "rotation", 0) or 0
-                    if ost is None:
-                        size = scaled_size(*_upright_hw(frame, rotation), short_side=short_side, align=align)
-                        ost = outc.add_stream("libx264", rate=rate)
-                        ost.height, ost.width = size
-                        ost.pix_fmt = "yuv420p"
-                        ost.time_base = time_base
-                        ost.codec_context.time_base = time_base
-                        opts = {"g": str(gop), "keyint_min": str(gop), "sc_threshold": "0", "crf": str(crf),
-                                "preset": preset, "threads": str(threads)}
-                        if tune:
-                            opts["tune"] = tune
-                        ost.options = opts
-                    if rotation % 360:
-                        rgb = _rotate(frame.to_ndarray(format="rgb24"), rotation)
-                        frame_out = av.VideoFrame.from_ndarray(rgb, format="rgb24").reformat(
-                            width=size[1], height=size[0], format="yuv420p", interpolation="AREA")
-                    else:
-                        frame_out = frame.reformat(width=size[1], height=size[0], format="yuv420p",
-                                                   interpolation="AREA")
-                    pts = frame.pts if frame.pts is not None else (last_pts + 1 if last_pts is not None else 0)
-                    if last_pts is not None and pts <= last_pts:
-                        pts = last_pts + 1  # the encoder needs strictly increasing timestamps
-                    frame_out.pts, frame_out.time_base = pts, time_base
-                    last_pts = pts
-                    for packet in ost.encode(frame_out):
-                        outc.mux(packet)
-                    n += 1
-                if ost is None:
-                    raise ValueError(f"{src}: no decodable frames")
-                for packet in ost.encode():
-                    outc.mux(packet)
-    return {"frames": n, "height": size[0], "width": size[1]}
+
+        def frames():
+            size = None
+            last_pts = None
+            for frame in inp.decode(ist):
+                rotation = getattr(frame, "rotation", 0) or 0
+                if size is None:
+                    size = scaled_size(*_upright_hw(frame, rotation), short_side=short_side, align=align)
+                    facts["height"], facts["width"] = size
+                if rotation % 360:
+                    rgb = _rotate(frame.to_ndarray(format="rgb24"), rotation)
+                    frame_out = av.VideoFrame.from_ndarray(rgb, format="rgb24").reformat(
+                        width=size[1], height=size[0], format="yuv420p", interpolation="AREA")
+                else:
+                    frame_out = frame.reformat(width=size[1], height=size[0], format="yuv420p", interpolation="AREA")
+                pts = frame.pts if frame.pts is not None else (last_pts + 1 if last_pts is not None else 0)
+                if last_pts is not None and pts <= last_pts:
+                    pts = last_pts + 1  # the encoder needs strictly increasing timestamps
+                frame_out.pts = last_pts = pts
+                facts["frames"] += 1
+                yield frame_out
+            if size is None:
+                raise ValueError(f"{src}: no decodable frames")
+
+        write_video(dst, frames(), fps=rate, time_base=time_base, gop=gop, crf=crf, preset=preset,
+                    options={"threads": str(threads), **({"tune": tune} if tune else {})})
+    return facts
 
 
 def extract_frames(src: str | os.PathLike, dst_dir: str | os.PathLike, *, short_side: int = 0, quality: int = 90,

@@ -12,9 +12,9 @@ colours, so only the texture (spatial pattern) tells an object from the backgrou
 Rendering is inverse mapping with nearest sampling: every output pixel is mapped back into background (world) or
 object-local coordinates and the procedural texture is evaluated there, so masks and frames agree pixel for pixel.
 
-Writers: :func:`write_davis` (DAVIS-2017 layout, cached by config), :func:`write_mp4` / :func:`write_videos`
-(H.264 through PyAV, lossless ``libx264rgb`` or lossy ``yuv420p``), :func:`write_multishot` (hard cuts at known
-frames) and :func:`frame_index_video` / :func:`decode_frame_index` (frames that carry their own index, for
+Writers: :func:`write_davis` (DAVIS-2017 layout, cached by config), :func:`write_videos` (H.264 through
+:func:`vidssl.io.write_video`, lossless ``libx264rgb`` or lossy ``yuv420p``), :func:`write_multishot` (hard cuts at
+known frames) and :func:`frame_index_video` / :func:`decode_frame_index` (frames that carry their own index, for
 frame-accurate decoder tests).
 """
 
@@ -33,6 +33,7 @@ from PIL import Image
 from vidssl.config import ConfigError, to_dict
 from vidssl.io.atomic import atomic_path, atomic_write_text
 from vidssl.io.images import write_label_png
+from vidssl.io.writer import write_video
 
 #: Bumped whenever the rendering changes, so a cached tree from older code is not mistaken for the current one.
 GENERATOR_VERSION = 1
@@ -693,62 +694,13 @@ def _write_davis_video(root: Path, video: SynthVideo) -> None:
 # encoded video
 
 
-_CONTAINERS = {".mp4": "mp4", ".mov": "mov", ".mkv": "matroska"}
-
-
-def write_mp4(path: str | os.PathLike, frames: np.ndarray, *, fps: int | float | Fraction = 25,
-              lossless: bool = False, gop: int | None = None) -> Path:
-    """Encode ``frames (T, H, W, 3)`` uint8 RGB as H.264 with PyAV, atomically; returns ``path``.
-
-    ``lossless=True`` uses ``libx264rgb`` at ``crf 0`` in ``rgb24`` (frames decode back bit-exactly; any size);
-    otherwise ``libx264`` ``yuv420p`` at the default quality, which needs an even height and width. Frame ``i`` gets
-    ``pts = i`` in time base ``1 / fps``. ``gop`` sets the keyframe interval (encoder default when None). The
-    container follows the suffix: ``.mp4``, ``.mov`` or ``.mkv``.
-    """
-    import av
-
-    path = Path(path)
-    frames = np.asarray(frames)
-    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8 or frames.shape[0] < 1:
-        raise ValueError(f"{path}: frames must be uint8 (T>=1, H, W, 3) RGB, got {frames.dtype} {frames.shape}")
-    fmt = _CONTAINERS.get(path.suffix.lower())
-    if fmt is None:
-        raise ValueError(f"{path}: unsupported suffix {path.suffix!r}; expected one of {', '.join(_CONTAINERS)}")
-    rate = Fraction(fps).limit_denominator(1_000_000) if not isinstance(fps, Fraction) else fps
-    if rate <= 0:
-        raise ValueError(f"{path}: fps must be > 0, got {fps}")
-    if gop is not None and gop < 1:
-        raise ValueError(f"{path}: gop must be >= 1, got {gop}")
-    _, h, w, _ = frames.shape
-    if not lossless and (h % 2 or w % 2):
-        raise ValueError(f"{path}: lossy H.264 (yuv420p) needs an even frame size, got {h}x{w}; crop or pad by "
-                         "one pixel, or write with lossless=True")
-    time_base = 1 / rate
-    with atomic_path(path) as tmp:
-        with av.open(str(tmp), mode="w", format=fmt) as container:
-            if lossless:
-                stream = container.add_stream("libx264rgb", rate=rate)
-                stream.pix_fmt = "rgb24"
-                stream.options = {"crf": "0"}
-            else:
-                stream = container.add_stream("libx264", rate=rate)
-                stream.pix_fmt = "yuv420p"
-            stream.width = w
-            stream.height = h
-            if gop is not None:
-                stream.codec_context.gop_size = gop
-            for i in range(frames.shape[0]):
-                frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(frames[i]), format="rgb24")
-                frame.pts = i
-                frame.time_base = time_base
-                container.mux(stream.encode(frame))
-            container.mux(stream.encode(None))
-    return path
-
-
 def write_videos(out_dir: str | os.PathLike, cfg: SynthConfig, *, num_videos: int, lossless: bool = False,
                  fps: int | float | Fraction = 25) -> list[Path]:
-    """Write videos ``0..num_videos-1`` as ``<out_dir>/synth-0000.mp4``, ...; returns the paths."""
+    """Write videos ``0..num_videos-1`` as ``<out_dir>/synth-0000.mp4``, ...; returns the paths.
+
+    H.264 through :func:`vidssl.io.write_video`: ``lossless`` = ``libx264rgb`` at crf 0 (bit-exact), else ``libx264``
+    ``yuv420p`` at the encoder's default quality (even sizes only).
+    """
     if num_videos < 1:
         raise ValueError(f"write_videos: num_videos must be >= 1, got {num_videos}")
     cfg.validate()
@@ -756,7 +708,7 @@ def write_videos(out_dir: str | os.PathLike, cfg: SynthConfig, *, num_videos: in
     paths = []
     for i in range(num_videos):
         video = generate_video(i, cfg)
-        paths.append(write_mp4(out_dir / f"{video.name}.mp4", video.frames, fps=fps, lossless=lossless))
+        paths.append(write_video(out_dir / f"{video.name}.mp4", video.frames, fps=fps, lossless=lossless))
     return paths
 
 
@@ -797,7 +749,7 @@ def write_multishot(out_dir: str | os.PathLike, cfg: SynthConfig, *, num_videos:
     paths = []
     for i in range(num_videos):
         video = generate_multishot(i, cfg, num_shots=num_shots)
-        path = write_mp4(out_dir / f"{video.name}.mp4", video.frames, fps=fps, lossless=lossless)
+        path = write_video(out_dir / f"{video.name}.mp4", video.frames, fps=fps, lossless=lossless)
         info = {"num_frames": video.num_frames, "cuts": video.cuts, "fps": float(Fraction(fps))}
         atomic_write_text(out_dir / f"{video.name}.json", json.dumps(info) + "\n")
         paths.append(path)
@@ -874,7 +826,6 @@ __all__ = [
     "generate_multishot",
     "generate_video",
     "write_davis",
-    "write_mp4",
     "write_multishot",
     "write_videos",
 ]

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -22,8 +22,9 @@ from PIL import Image
 
 from vidssl.io.atomic import atomic_path
 from vidssl.io.images import DAVIS_PALETTE, read_image, read_label_png
+from vidssl.io.writer import write_video
 
-__all__ = ["contours", "overlay", "write_mp4", "write_sequence_viz"]
+__all__ = ["contours", "overlay", "write_sequence_viz"]
 
 
 def contours(ids: torch.Tensor, *, thickness: int = 1) -> torch.Tensor:
@@ -90,40 +91,6 @@ def _even(img: np.ndarray) -> np.ndarray:
     return np.pad(img, ((0, h % 2), (0, w % 2), (0, 0)), mode="edge")
 
 
-def write_mp4(path: str | os.PathLike, frames: Iterable[np.ndarray], *,
-              fps: int = 24) -> Path:
-    """Encode RGB frames ``(H, W, 3) uint8`` into an mp4 with PyAV (libx264, else mpeg4), atomically.
-
-    Odd sizes are padded to even by edge repetition. Returns the path written.
-    """
-    import av
-
-    path = Path(path)
-    codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
-    with atomic_path(path, suffix=".mp4") as tmp:
-        container = av.open(str(tmp), mode="w", format="mp4")
-        try:
-            stream = None
-            for img in frames:
-                img = _even(np.ascontiguousarray(img, dtype=np.uint8))
-                if stream is None:
-                    stream = container.add_stream(codec, rate=int(fps))
-                    stream.width, stream.height = img.shape[1], img.shape[0]
-                    stream.pix_fmt = "yuv420p"
-                    if codec == "libx264":
-                        stream.options = {"crf": "20", "preset": "veryfast"}
-                frame = av.VideoFrame.from_ndarray(img, format="rgb24")
-                for packet in stream.encode(frame):
-                    container.mux(packet)
-            if stream is None:
-                raise ValueError(f"{path}: no frames to encode")
-            for packet in stream.encode():
-                container.mux(packet)
-        finally:
-            container.close()
-    return path
-
-
 def write_sequence_viz(frame_files: Sequence[str | os.PathLike], mask_files: Sequence[str | os.PathLike],
                        viz_dir: str | os.PathLike, seq: str, *, palette: Sequence[int] | None = None,
                        fps: int = 24, alpha: float = 0.5, jpeg_quality: int = 90) -> dict[str, object]:
@@ -154,5 +121,10 @@ def write_sequence_viz(frame_files: Sequence[str | os.PathLike], mask_files: Seq
                 Image.fromarray(img).save(tmp, format="JPEG", quality=jpeg_quality)
             yield img
 
-    video = write_mp4(Path(viz_dir) / f"{seq}.mp4", images(), fps=fps)
+    import av
+
+    codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
+    quality = {"crf": 20, "preset": "veryfast"} if codec == "libx264" else {}
+    video = write_video(Path(viz_dir) / f"{seq}.mp4", (_even(img) for img in images()), fps=fps, codec=codec,
+                        **quality)
     return {"overlays": str(out_dir), "video": str(video), "frames": len(frame_files)}

@@ -10,6 +10,7 @@ from vidssl.io.images import (
     read_label_png,
     write_label_png,
 )
+from vidssl.io.writer import CONTAINER_FORMATS, write_video
 from vidssl.io.video import (
     AUTO_ORDER,
     BACKENDS,
@@ -27,6 +28,7 @@ __all__ = [
     "AUTO_ORDER",
     "BACKENDS",
     "BackendUnavailableError",
+    "CONTAINER_FORMATS",
     "DecodeError",
     "DecordReader",
     "FrameFolderReader",
@@ -45,4 +47,5 @@ __all__ = [
     "read_image",
     "read_label_png",
     "write_label_png",
+    "write_video",
 ]
