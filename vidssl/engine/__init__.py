@@ -18,7 +18,7 @@ from vidssl.engine.config import RunConfig, resolve_run_config, run_config_from_
 from vidssl.engine.objectives import (MultiObjective, load_plugins, objective_class, objective_names,
                                       register_objective)
 from vidssl.engine.trainer import build_training_model, train
-from vidssl.models.encoders import ModelConfig, build_model_encoder, register_encoder
+from vidssl.models.encoders import ModelConfig, build_model_encoder, encoder_names, register_encoder
 from vidssl.models.objective import BuildContext, DataNeeds, Objective, StepContext
 
 #: colour space of the encoder of checkpoints written before ``model.colour`` existed, by objective name
@@ -50,14 +50,15 @@ def model_config_of(config: dict[str, Any], *, where: str = "checkpoint") -> Mod
 def encoder_from_checkpoint(path: str | Path) -> tuple[nn.Module, ModelConfig, dict[str, Any], int]:
     """The trained shared encoder of a checkpoint (eval mode), built from the ``model`` section alone.
 
-    No objective is rebuilt, so a checkpoint of a method registered at run time loads without it (an encoder
-    registered by a plugin needs the run's ``plugins``, which are imported). Returns ``(encoder, model config,
+    No objective is rebuilt, so a checkpoint of a method registered at run time loads without it (the run's
+    ``plugins`` are imported only when its encoder is not a registered one). Returns ``(encoder, model config,
     stored run config dict, step)``.
     """
     ckpt = resolve_checkpoint(path)
     weights, config, step = read_weights(ckpt)
-    load_plugins(config.get("plugins") or [], where=f"{ckpt}: plugins")
     model_cfg = model_config_of(config, where=str(ckpt))
+    if model_cfg.encoder not in encoder_names():  # an encoder from a plugin: the run's plugins register it
+        load_plugins(config.get("plugins") or [], where=f"{ckpt}: plugins")
     encoder = build_model_encoder(model_cfg)
     own = {k[len("encoder."):]: v for k, v in weights.items() if k.startswith("encoder.")}
     if not own:

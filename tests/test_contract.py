@@ -1,0 +1,184 @@
+"""The objective / encoder / stream contract: a method from outside vidssl trains, resumes and propagates through
+the CLI; a method with its own optimisers resumes exactly; two streams mix at their set ratio under DDP; every
+built-in method reads exactly the clip length it declares."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vidssl.config import ConfigError
+from vidssl.data.streams import batches_drawn, stream_drawn
+from vidssl.engine import (encoder_from_checkpoint, load_plugins, model_from_checkpoint, resolve_run_config,
+                           train)
+from vidssl.engine.checkpoint import read_trainer_state
+
+PLUGINS = Path(__file__).with_name("plugins")
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _env(with_plugin: bool) -> dict:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env["OMP_NUM_THREADS"] = "1"
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + ([str(PLUGINS)] if with_plugin else []))
+    return env
+
+
+def _run(cmd, cwd, with_plugin=True):
+    res = subprocess.run(cmd, env=_env(with_plugin), capture_output=True, text=True, timeout=600, cwd=cwd)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return res
+
+
+@pytest.fixture(scope="module")
+def davis(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synth") / "davis"
+    _run([sys.executable, "-m", "vidssl", "data", "synth", "--out", str(root), "--format", "davis", "--videos", "2",
+          "--val-videos", "1", "--frames", "6", "--size", "64", "64"], cwd=root.parent)
+    return root
+
+
+def _toy_recipe(path: Path, davis: Path, extra: str = "") -> Path:
+    path.write_text(f"""name: toy
+data: {{source: frames, root: {davis}, split: train, clip_len: 2, crop_size: 32, clips_per_video: 2}}
+model: {{encoder: resnet18, out_layer: layer2, eval_layer: layer2}}
+objectives: [{{name: toy, clip_len: 2}}]
+optim: {{lr: 0.001}}
+train: {{steps: 2, batch_size: 2, log_every: 1, ckpt_every: 1, threads: 1, device: cpu}}
+{extra}""")
+    return path
+
+
+def test_plugin_objective_trains_resumes_and_propagates_through_the_cli(tmp_path, davis):
+    recipe = _toy_recipe(tmp_path / "toy.yaml", davis)
+    cmd = [sys.executable, "-m", "vidssl", "pretrain", "--plugin", "toy_plugin", "--config", str(recipe),
+           "--out", str(tmp_path / "run"), "--no-progress"]
+    _run(cmd, tmp_path)
+    res = _run(cmd + ["--set", "train.steps=4"], tmp_path)
+    assert "resumed from" in res.stderr and "step_00000002" in res.stderr
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3, 4]
+    assert log[-1]["toy/total_steps"] == 4.0  # the builder saw the run's length
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["plugins"] == ["toy_plugin"]
+    # propagation needs only the encoder: it works in a process where the plugin is not importable
+    _run([sys.executable, "-m", "vidssl", "propagate", "--checkpoint", str(tmp_path / "run"), "--davis-root",
+          str(davis), "--year", "2017", "--split", "val", "--out", str(tmp_path / "prop"), "--no-progress"],
+         tmp_path, with_plugin=False)
+    metrics = json.loads((tmp_path / "prop" / "metrics.json").read_text())
+    assert metrics["extra_info"]["source"] == "checkpoint" and metrics["extra_info"]["step"] == 4
+    pngs = sorted((tmp_path / "prop" / "synth-val-0000").glob("*.png"))
+    gt = sorted((davis / "Annotations" / "480p" / "synth-val-0000").glob("*.png"))
+    assert [p.name for p in pngs] == [g.name for g in gt]
+    np.testing.assert_array_equal(np.array(Image.open(pngs[0])), np.array(Image.open(gt[0])))
+
+
+def test_encoder_from_checkpoint_reads_only_the_model_section(tmp_path, davis):
+    sys.path.insert(0, str(PLUGINS))
+    try:
+        load_plugins(["toy_plugin"])
+        cfg = resolve_run_config(_toy_recipe(tmp_path / "toy.yaml", davis))
+        summary = train(cfg, tmp_path / "run", progress=False, echo=False)
+    finally:
+        sys.path.remove(str(PLUGINS))
+    enc, model_cfg, config, step = encoder_from_checkpoint(summary["checkpoint"])
+    full, _, _ = model_from_checkpoint(summary["checkpoint"])
+    assert step == 2 and model_cfg.encoder == "resnet18" and model_cfg.colour == "rgb"
+    for k, v in full.encoder.state_dict().items():
+        torch.testing.assert_close(enc.state_dict()[k], v, rtol=0, atol=0)
+
+
+def _params(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _two_opt_cfg(*extra):
+    return resolve_run_config(None, ["model.out_layer=layer1", "model.eval_layer=layer1", "data.clip_len=2",
+                                     "objectives=[{name: toy2opt}]", "train.batch_size=2", "train.log_every=1",
+                                     "train.device=cpu", *extra], plugins=["toy_plugin"])
+
+
+def test_custom_step_with_two_optimisers_resumes_to_identical_parameters(tmp_path, monkeypatch):
+    from test_trainer import TensorLoader
+
+    monkeypatch.syspath_prepend(str(PLUGINS))
+    straight = train(_two_opt_cfg("train.steps=4"), tmp_path / "a", loader=TensorLoader(T=2), progress=False,
+                     echo=False)
+    train(_two_opt_cfg("train.steps=2"), tmp_path / "b", loader=TensorLoader(T=2), progress=False, echo=False)
+    state = read_trainer_state(tmp_path / "b")
+    assert sorted(state["optimizers"]) == ["encoder", "head"]
+    assert state["optimizers"]["encoder"]["state"] and state["optimizers"]["head"]["state"]  # momentum / moments
+    resumed = train(_two_opt_cfg("train.steps=4"), tmp_path / "b", loader=TensorLoader(T=2), progress=False,
+                    echo=False)
+    half, _, _ = model_from_checkpoint(tmp_path / "b" / "checkpoints" / "step_00000002")
+    a, _, _ = model_from_checkpoint(straight["checkpoint"])
+    b, _, _ = model_from_checkpoint(resumed["checkpoint"])
+    for k, v in _params(a).items():
+        torch.testing.assert_close(_params(b)[k], v, rtol=0, atol=0, msg=k)
+    moved = {k.split(".")[0] for k, v in _params(a).items()
+             if v.is_floating_point() and not torch.equal(v, _params(half)[k])}
+    assert moved == {"encoder", "objectives"}  # both optimisers stepped after the resume
+    logs = [json.loads(x) for x in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logs] == [1, 2, 3, 4] and all("toy2opt/enc" not in r for r in logs)
+    assert all(r["loss"] == pytest.approx(r["enc"] + r["head"]) for r in logs)
+
+
+def test_custom_step_objective_must_run_alone(monkeypatch):
+    from vidssl.engine import build_training_model
+
+    monkeypatch.syspath_prepend(str(PLUGINS))
+    cfg = resolve_run_config(None, ["objectives=[{name: toy2opt}, {name: crw}]", "data.clip_len=3"],
+                             plugins=["toy_plugin"])
+    with pytest.raises(ConfigError, match="'toy2opt' runs its own training_step and must be the only objective"):
+        build_training_model(cfg)
+
+
+def test_stream_schedule_is_a_pure_function_of_seed_name_and_step():
+    drawn = [stream_drawn(0, "images", k, 0.25) for k in range(4000)]
+    assert drawn == [stream_drawn(0, "images", k, 0.25) for k in range(4000)]
+    assert abs(sum(drawn) / 4000 - 0.25) < 0.03
+    assert drawn != [stream_drawn(1, "images", k, 0.25) for k in range(4000)]
+    assert batches_drawn(0, "images", 4000, 0.25) == sum(drawn)
+    assert batches_drawn(0, "main", 17, 1.0) == 17
+
+
+def _image_folder(root: Path, classes=("cat", "dog"), per_class=6):
+    rng = np.random.default_rng(0)
+    for c in classes:
+        (root / c).mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(root / c / f"{i}.png")
+    return root
+
+
+@pytest.mark.slow
+def test_two_streams_mix_at_their_ratio_under_two_process_ddp(tmp_path, davis):
+    images = _image_folder(tmp_path / "images")
+    recipe = _toy_recipe(tmp_path / "toy.yaml", davis, extra=f"""streams:
+  images: {{batch_size: 4, weight: 0.5, data: {{source: images, root: {images}, crop_size: 32}}}}
+""")
+    recipe.write_text(recipe.read_text().replace("objectives: [{name: toy, clip_len: 2}]",
+                                                 "objectives: [{name: toy, clip_len: 2, streams: [main, images]}]")
+                      .replace("steps: 2, batch_size: 2", "steps: 12, batch_size: 4")
+                      .replace("clips_per_video: 2", "clips_per_video: 4").replace("ckpt_every: 1", "ckpt_every: 6"))
+    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "vidssl",
+          "pretrain", "--plugin", "toy_plugin", "--config", str(recipe), "--out", str(tmp_path / "run"),
+          "--no-progress"], tmp_path)
+    log = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == list(range(1, 13))
+    drawn = 0
+    for r in log:
+        assert r["toy/main_items"] == 2  # 4 clips per step over 2 processes
+        if stream_drawn(0, "images", r["step"] - 1, 0.5):
+            drawn += 1
+            assert r["toy/images_items"] == 2 and r["streams/images/items"] == 4
+        else:
+            assert "toy/images_items" not in r
+    assert 0 < drawn < 12
