@@ -28,6 +28,15 @@ class DataConfig:
     #: (``num_shots`` consecutive shots of the manifest's ``shots``, ``clip_len`` frames each)
     sampler: Literal["random", "uniform", "consecutive", "pair", "shots"] = "random"
     num_shots: int = 1  #: sampler shots: shots per item (a video without shots is one shot)
+    #: sampler shots: frames per second read inside a shot (videos with a known fps: frame step round(fps /
+    #: shot_fps)); 0 uses ``stride`` as the frame step (frame folders always do)
+    shot_fps: float = 0.0
+    min_shot_len: int = 1  #: sampler shots: shots with fewer frames (source frames) are left out
+    #: sampler shots, a shot with fewer than ``clip_len`` frames (at the frame step) or a video with fewer than
+    #: ``num_shots`` shots: ``repeat`` frames / the last shot, ``skip`` it (counted, logged) or ``error``
+    shot_policy: Literal["repeat", "skip", "error"] = "repeat"
+    #: draw flip and colour jitter independently per frame (VIVI's frames of a shot) instead of once per clip
+    per_frame_jitter: bool = False
     clips_per_video: int = 1  #: clips drawn from each video per epoch
     crop_size: int = 256  #: output side of the (square) random resized crop
     crop_scale: tuple[float, float] = (0.8, 0.95)
@@ -65,6 +74,12 @@ class DataConfig:
             raise ConfigError(f"{p}stride: must be >= 1, got {self.stride}")
         if self.num_shots < 1:
             raise ConfigError(f"{p}num_shots: must be >= 1, got {self.num_shots}")
+        if self.shot_fps < 0:
+            raise ConfigError(f"{p}shot_fps: must be >= 0 (0: use stride), got {self.shot_fps}")
+        if self.min_shot_len < 1:
+            raise ConfigError(f"{p}min_shot_len: must be >= 1, got {self.min_shot_len}")
+        if self.shot_policy not in ("repeat", "skip", "error"):
+            raise ConfigError(f"{p}shot_policy: expected repeat, skip or error, got {self.shot_policy!r}")
         if self.sampler == "pair" and self.clip_len != 2:
             raise ConfigError(f"{p}clip_len: sampler 'pair' returns 2 frames, got clip_len={self.clip_len}")
         if self.clips_per_video < 1:

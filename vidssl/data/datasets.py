@@ -15,6 +15,7 @@ failed once are remembered by the dataset copy and skipped at once afterwards (s
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import threading
 from collections import OrderedDict
@@ -95,16 +96,27 @@ class ClipDataset(Dataset):
             opening one per item: for the GPU path in the main process, where opening an NVDEC decoder costs more
             than a clip. Thread-safe (a reader is used by one thread at a time). ``0`` (default) opens one per item,
             which is what DataLoader workers do (the pool is dropped in a forked or unpickled copy, never shared).
+        shot_fps: ``"shots"``: frames per second read inside a shot; a video with a known fps reads every
+            ``round(fps / shot_fps)``-th frame of a shot. ``0`` (default), or a frame folder: every ``stride``-th.
+        min_shot_len: ``"shots"``: shots with fewer source frames are left out.
+        shot_policy: ``"shots"``, a shot with fewer than ``clip_len`` frames at the frame step, or a video with fewer
+            than ``num_shots`` such shots: ``"repeat"`` (default; repeat frames of a short shot, repeat the last
+            shot), ``"skip"`` (short shots are dropped, then videos with too few shots; both counted in
+            ``shot_skipped`` and logged once; an error if no video is left) or ``"error"`` (a ``ValueError`` naming
+            the video's path and the shot).
 
     Items: ``{"video": (T', 3, S, S) float32 (or uint8), "index": int, "frames": int64 (T',), "skipped": int,
-    "video_index": int}`` with ``T' = clip_len`` (``num_shots * clip_len`` for ``"shots"``).
+    "video_index": int}`` with ``T' = clip_len`` (``num_shots * clip_len`` for ``"shots"``). ``"shots"`` items
+    also carry ``"shot_ids"`` int64 ``(T',)``: the shot of every frame, numbered ``0..`` in time order within the
+    item (equal ids = the same shot), and ``"shots"`` int64 ``(num_shots, 2)``: the ``[start, end)`` of each.
     """
 
     def __init__(self, entries: Sequence[VideoEntry], *, clip_len: int, stride: int = 1, sampler: str = "random",
                  clips_per_video: int = 1, transform: ClipTransform | None = None, seed: int = 0,
                  backend: str = "auto", decode_threads: int = 1, max_retries: int = 3, return_uint8: bool = False,
                  device: str | torch.device = "cpu", num_shots: int = 1, reader_cache: int = 0,
-                 keyframe_aligned: bool = False) -> None:
+                 keyframe_aligned: bool = False, shot_fps: float = 0.0, min_shot_len: int = 1,
+                 shot_policy: str = "repeat") -> None:
         if not entries:
             raise ValueError("entries: no videos to read (empty index)")
         if sampler not in SAMPLERS:
@@ -120,6 +132,13 @@ class ClipDataset(Dataset):
             raise ValueError(f"keyframe_aligned: applies to sampler 'random' only, got sampler={sampler!r}")
         if reader_cache < 0:
             raise ValueError(f"reader_cache: must be >= 0, got {reader_cache}")
+        if shot_policy not in ("repeat", "skip", "error"):
+            raise ValueError(f"shot_policy: expected 'repeat', 'skip' or 'error', got {shot_policy!r}")
+        if shot_fps < 0 or min_shot_len < 1:
+            raise ValueError(f"shot_fps must be >= 0 and min_shot_len >= 1, got {shot_fps}, {min_shot_len}")
+        self.shot_fps, self.min_shot_len, self.shot_policy = float(shot_fps), int(min_shot_len), shot_policy
+        #: ``"shots"`` with ``shot_policy="skip"``: shots and videos left out at construction
+        self.shot_skipped = {"shots": 0, "videos": 0}
         self.entries = list(entries)
         self.clip_len = clip_len
         self.stride = stride
@@ -135,6 +154,8 @@ class ClipDataset(Dataset):
         self.num_shots = num_shots
         self.reader_cache = reader_cache
         self.keyframe_aligned = keyframe_aligned
+        if sampler == "shots":
+            self.entries = self._usable_shots(self.entries)
         self._readers: OrderedDict[tuple[int, int], object] = OrderedDict()  # (video, serial) -> idle reader, LRU
         self._readers_pid = os.getpid()
         self._serial = 0
@@ -145,6 +166,52 @@ class ClipDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.entries) * self.clips_per_video
+
+    def shot_step(self, entry: VideoEntry) -> int:
+        """Frame step inside a shot of ``entry``: ``round(fps / shot_fps)`` when both are known, else ``stride``."""
+        if self.shot_fps > 0 and entry.fps:
+            return max(1, round(entry.fps / self.shot_fps))
+        return self.stride
+
+    def _usable_shots(self, entries: list[VideoEntry]) -> list[VideoEntry]:
+        """Check every entry's shots; drop too-short shots (``min_shot_len``; with ``"skip"``/``"error"`` also
+        shots with fewer than ``clip_len`` frames at the step) and, unless ``"repeat"``, videos with too few."""
+        kept = []
+        for e in entries:
+            shots = list(e.shots) if e.shots else [(0, e.num_frames)]
+            for a, b in shots:
+                if not 0 <= a < b <= e.num_frames:
+                    raise ValueError(f"{e.path}: shot [{a}, {b}) is empty or outside the video's {e.num_frames} "
+                                     "frames (manifest field 'shots')")
+            step = self.shot_step(e)
+            long_enough = [(a, b) for a, b in shots if b - a >= self.min_shot_len and
+                           (self.shot_policy == "repeat" or math.ceil((b - a) / step) >= self.clip_len)]
+            short = len(shots) - len(long_enough)
+            if self.shot_policy == "error" and short:
+                a, b = next(sh for sh in shots if sh not in long_enough)
+                raise ValueError(f"{e.path}: shot [{a}, {b}) has {b - a} frames, fewer than min_shot_len="
+                                 f"{self.min_shot_len} or data.clip_len={self.clip_len} at frame step {step} "
+                                 "(data.shot_policy=error; 'skip' leaves such shots out)")
+            if self.shot_policy == "repeat":
+                kept.append(e if long_enough == shots else
+                            VideoEntry(**{**e.__dict__, "shots": long_enough or [(0, e.num_frames)]}))
+                continue
+            self.shot_skipped["shots"] += short
+            if len(long_enough) < self.num_shots:
+                if self.shot_policy == "error":
+                    raise ValueError(f"{e.path}: {len(long_enough)} shot(s), data.num_shots={self.num_shots} "
+                                     "needed (data.shot_policy=error; 'skip' leaves such videos out)")
+                self.shot_skipped["videos"] += 1
+                continue
+            kept.append(VideoEntry(**{**e.__dict__, "shots": long_enough}))
+        if self.shot_skipped["shots"] or self.shot_skipped["videos"]:
+            _log.warning("shots: left out %d shot(s) shorter than %d frames (min_shot_len %d, frame step) and %d "
+                         "video(s) with fewer than %d such shots", self.shot_skipped["shots"], self.clip_len,
+                         self.min_shot_len, self.shot_skipped["videos"], self.num_shots)
+        if not kept:
+            raise ValueError(f"shots: no video has {self.num_shots} shot(s) of >= {self.clip_len} frames "
+                             f"({self.shot_skipped['videos']} left out; first: {entries[0].path if entries else '-'})")
+        return kept
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
@@ -221,9 +288,26 @@ class ClipDataset(Dataset):
 
     def _shot_indices(self, entry: VideoEntry, num_frames: int, generator: torch.Generator) -> list[int]:
         shots = [(a, min(b, num_frames)) for a, b in (entry.shots or [(0, num_frames)]) if a < num_frames]
-        groups = samplers.shot_frames(shots or [(0, num_frames)], self.clip_len, self.num_shots, generator)
+        shots = shots or [(0, num_frames)]
+        step = self.shot_step(entry)
+        sizes = [math.ceil((b - a) / step) for a, b in shots]  # frames of each shot at the step
+        offsets = [sum(sizes[:k]) for k in range(len(sizes))]
+        grid = [(o, o + n) for o, n in zip(offsets, sizes)]  # the shots on the stepped frame grid
+        groups = samplers.shot_frames(grid, self.clip_len, self.num_shots, generator)
         groups += [groups[-1]] * (self.num_shots - len(groups))  # fewer shots than asked: repeat the last
-        return [i for group in groups for i in group]
+        out = []
+        for group in groups:
+            k = next(k for k, (g0, g1) in enumerate(grid) if g0 <= group[0] < g1)
+            out += [shots[k][0] + (j - grid[k][0]) * step for j in group]
+        return out
+
+    @staticmethod
+    def shot_ids(entry: VideoEntry, indices: Sequence[int]) -> tuple[list[int], list[tuple[int, int]]]:
+        """The shot of every frame index, numbered ``0..`` in time order among those read, and their ranges."""
+        shots = entry.shots or [(0, entry.num_frames)]
+        which = [next((k for k, (a, b) in enumerate(shots) if a <= i < b), len(shots) - 1) for i in indices]
+        order = sorted(set(which))
+        return [order.index(k) for k in which], [tuple(shots[k]) for k in order]
 
     def load_clip(self, index: int) -> LoadedClip:
         """Decode the frames of item ``index`` (retrying, then skipping unreadable videos)."""
@@ -277,5 +361,11 @@ class ClipDataset(Dataset):
             params = self.transform.sample_params(t, h, w, generator=clip.generator)
             video = (self.transform.geometric(video, params) if self.return_uint8
                      else self.transform.apply(video, params))
-        return {"video": video, "index": index, "frames": torch.tensor(clip.indices, dtype=torch.int64),
+        item = {"video": video, "index": index, "frames": torch.tensor(clip.indices, dtype=torch.int64),
                 "skipped": clip.skipped, "video_index": clip.video}
+        if self.sampler == "shots":
+            ids, ranges = self.shot_ids(self.entries[clip.video], clip.indices)
+            ranges += [ranges[-1]] * (self.num_shots - len(ranges))  # repeat policy: the last shot repeated
+            item["shot_ids"] = torch.tensor(ids, dtype=torch.int64)  # (K*L,)
+            item["shots"] = torch.tensor(ranges, dtype=torch.int64)  # (K, 2)
+        return item

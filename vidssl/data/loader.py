@@ -327,7 +327,8 @@ def build_loader(cfg: DataConfig, *, batch_size: int, seed: int, rank: int = 0, 
     common = dict(clip_len=cfg.clip_len, stride=cfg.stride, sampler=cfg.sampler,
                   clips_per_video=cfg.clips_per_video, seed=seed, backend=cfg.decoder,
                   decode_threads=cfg.decode_threads, max_retries=cfg.max_retries,
-                  keyframe_aligned=cfg.keyframe_aligned, num_shots=cfg.num_shots)
+                  keyframe_aligned=cfg.keyframe_aligned, num_shots=cfg.num_shots, shot_fps=cfg.shot_fps,
+                  min_shot_len=cfg.min_shot_len, shot_policy=cfg.shot_policy)
     if cfg.device == "cuda":
         if not torch.cuda.is_available():
             raise ConfigError("data.device: 'cuda' but CUDA is not available (use data.device=cpu)")

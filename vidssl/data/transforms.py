@@ -11,7 +11,8 @@ global RNG), and both implementations apply given parameters:
 
 With the same parameters the two agree up to interpolation (antialias filter vs roi_align's box averaging, and the
 CPU path rounding the resized crop to uint8). Crops are drawn per frame when ``per_frame_crop`` (CRW draws crops
-independently per frame) and once per clip otherwise; flip and jitter factors are always shared by the whole clip.
+independently per frame) and once per clip otherwise; flip and jitter factors are shared by the whole clip unless
+``per_frame_jitter`` (VIVI: every frame of a shot augmented independently), which draws them per frame.
 Jitter order is fixed: brightness, contrast, saturation (torchvision's formulas; contrast uses each frame's mean grey).
 """
 
@@ -37,15 +38,21 @@ class ClipParams:
 
     Attributes:
         boxes: ``(T, 4)`` int64 crop boxes ``(top, left, height, width)`` in input pixels, one per frame.
-        flip: horizontal flip of the whole clip.
-        brightness, contrast, saturation: jitter factors shared by the clip (``1.0`` = unchanged).
+        flip: horizontal flip of the whole clip, or a tuple of ``T`` per-frame flips (``per_frame_jitter``).
+        brightness, contrast, saturation: jitter factors shared by the clip (``1.0`` = unchanged), or tuples of
+            ``T`` per-frame factors.
     """
 
     boxes: torch.Tensor
-    flip: bool = False
-    brightness: float = 1.0
-    contrast: float = 1.0
-    saturation: float = 1.0
+    flip: bool | tuple[bool, ...] = False
+    brightness: float | tuple[float, ...] = 1.0
+    contrast: float | tuple[float, ...] = 1.0
+    saturation: float | tuple[float, ...] = 1.0
+
+    def per_frame(self, name: str) -> list:
+        """Field ``name`` as one value per frame (a shared value repeated ``T`` times)."""
+        value = getattr(self, name)
+        return list(value) if isinstance(value, tuple) else [value] * int(self.boxes.shape[0])
 
 
 def _uniform(lo: float, hi: float, generator: torch.Generator | None) -> float:
@@ -84,8 +91,11 @@ def sample_crop_box(height: int, width: int, *, scale: tuple[float, float], rati
 
 def sample_clip_params(num_frames: int, height: int, width: int, *, scale: tuple[float, float],
                        ratio: tuple[float, float], per_frame_crop: bool, flip: float, color_jitter: float,
-                       generator: torch.Generator | None = None) -> ClipParams:
+                       generator: torch.Generator | None = None, per_frame_jitter: bool = False) -> ClipParams:
     """Draw the crop boxes (``num_frames`` of them, or one repeated), flip and jitter factors for one clip.
+
+    ``per_frame_jitter`` draws flip and jitter factors for every frame (tuples of ``num_frames`` values, the clip's
+    draws of frame 0 first) instead of once per clip.
 
     The number of draws depends only on the arguments, so a generator consumed here ends in the same state on every
     device. Jitter factors are uniform in ``[max(0, 1 - color_jitter), 1 + color_jitter]``.
@@ -97,13 +107,21 @@ def sample_clip_params(num_frames: int, height: int, width: int, *, scale: tuple
                           for _ in range(n_boxes)], dtype=torch.int64)  # (n_boxes, 4)
     if not per_frame_crop:
         boxes = boxes.expand(num_frames, 4).clone()
-    do_flip = flip > 0 and float(torch.rand((), generator=generator)) < flip
-    factors = [1.0, 1.0, 1.0]
-    if color_jitter > 0:
-        lo, hi = max(0.0, 1.0 - color_jitter), 1.0 + color_jitter
-        factors = [_uniform(lo, hi, generator) for _ in range(3)]
-    return ClipParams(boxes=boxes, flip=bool(do_flip), brightness=factors[0], contrast=factors[1],
-                      saturation=factors[2])
+    def draw() -> tuple[bool, list[float]]:
+        do_flip = flip > 0 and float(torch.rand((), generator=generator)) < flip
+        factors = [1.0, 1.0, 1.0]
+        if color_jitter > 0:
+            lo, hi = max(0.0, 1.0 - color_jitter), 1.0 + color_jitter
+            factors = [_uniform(lo, hi, generator) for _ in range(3)]
+        return bool(do_flip), factors
+
+    if not per_frame_jitter:
+        do_flip, factors = draw()
+        return ClipParams(boxes=boxes, flip=do_flip, brightness=factors[0], contrast=factors[1],
+                          saturation=factors[2])
+    draws = [draw() for _ in range(num_frames)]
+    return ClipParams(boxes=boxes, flip=tuple(d[0] for d in draws), brightness=tuple(d[1][0] for d in draws),
+                      contrast=tuple(d[1][1] for d in draws), saturation=tuple(d[1][2] for d in draws))
 
 
 class _AugmentSpec:
@@ -112,7 +130,7 @@ class _AugmentSpec:
     def __init__(self, *, crop_size: int = 256, scale: tuple[float, float] = (0.8, 0.95),
                  ratio: tuple[float, float] = (0.7, 1.3), per_frame_crop: bool = True, flip: float = 0.0,
                  color_jitter: float = 0.0, mean: Sequence[float] | None = IMAGENET_MEAN,
-                 std: Sequence[float] | None = IMAGENET_STD) -> None:
+                 std: Sequence[float] | None = IMAGENET_STD, per_frame_jitter: bool = False) -> None:
         if crop_size < 1:
             raise ValueError(f"crop_size: must be >= 1, got {crop_size}")
         if not 0 < scale[0] <= scale[1] <= 1:
@@ -131,6 +149,7 @@ class _AugmentSpec:
         self.per_frame_crop = bool(per_frame_crop)
         self.flip = float(flip)
         self.color_jitter = float(color_jitter)
+        self.per_frame_jitter = bool(per_frame_jitter)
         self.mean = tuple(float(m) for m in mean) if mean is not None else None
         self.std = tuple(float(s) for s in std) if std is not None else None
 
@@ -139,20 +158,22 @@ class _AugmentSpec:
         """Build from a :class:`vidssl.data.config.DataConfig` (crop_size, crop_scale, crop_ratio, ...)."""
         return cls(crop_size=cfg.crop_size, scale=tuple(cfg.crop_scale), ratio=tuple(cfg.crop_ratio),
                    per_frame_crop=cfg.per_frame_crop, flip=cfg.flip, color_jitter=cfg.color_jitter,
-                   mean=tuple(cfg.mean), std=tuple(cfg.std))
+                   mean=tuple(cfg.mean), std=tuple(cfg.std),
+                   per_frame_jitter=getattr(cfg, "per_frame_jitter", False))
 
     def spec(self) -> dict:
         """The hyperparameters as keyword arguments (to build the twin)."""
         return {"crop_size": self.crop_size, "scale": self.scale, "ratio": self.ratio,
                 "per_frame_crop": self.per_frame_crop, "flip": self.flip, "color_jitter": self.color_jitter,
-                "mean": self.mean, "std": self.std}
+                "mean": self.mean, "std": self.std, "per_frame_jitter": self.per_frame_jitter}
 
     def sample_params(self, num_frames: int, height: int, width: int, *,
                       generator: torch.Generator | None) -> ClipParams:
         """Draw :class:`ClipParams` for a clip of ``num_frames`` frames of ``height x width``."""
         return sample_clip_params(num_frames, height, width, scale=self.scale, ratio=self.ratio,
                                   per_frame_crop=self.per_frame_crop, flip=self.flip,
-                                  color_jitter=self.color_jitter, generator=generator)
+                                  color_jitter=self.color_jitter, generator=generator,
+                                  per_frame_jitter=self.per_frame_jitter)
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.spec().items())
@@ -193,7 +214,10 @@ class ClipTransform(_AugmentSpec):
             out = torch.stack([F.resized_crop(frame, *box, size=size, antialias=True)
                                for frame, box in zip(video, boxes)])  # (T, 3, S, S)
         out = tv_tensors.Video(out)
-        if params.flip:
+        if isinstance(params.flip, tuple):  # per-frame flips (per_frame_jitter)
+            flips = torch.tensor(params.flip).view(-1, 1, 1, 1)  # (T, 1, 1, 1)
+            out = torch.where(flips, out.as_subclass(torch.Tensor).flip(-1), out.as_subclass(torch.Tensor))
+        elif params.flip:
             out = F.horizontal_flip(out)
         return out.as_subclass(torch.Tensor)
 
@@ -204,15 +228,28 @@ class ClipTransform(_AugmentSpec):
 
         v = tv_tensors.Video(video)
         v = F.to_dtype(v, torch.float32, scale=True)
-        if params.brightness != 1.0:
-            v = F.adjust_brightness(v, params.brightness)
-        if params.contrast != 1.0:
-            v = F.adjust_contrast(v, params.contrast)
-        if params.saturation != 1.0:
-            v = F.adjust_saturation(v, params.saturation)
+        if isinstance(params.brightness, tuple):  # per-frame factors (per_frame_jitter): one frame at a time
+            frames = [self._jitter(tv_tensors.Video(frame[None]), b, c, s) for frame, b, c, s in
+                      zip(v.as_subclass(torch.Tensor), params.brightness, params.contrast, params.saturation)]
+            v = tv_tensors.Video(torch.cat([f.as_subclass(torch.Tensor) for f in frames]))  # (T, 3, S, S)
+        else:
+            v = self._jitter(v, params.brightness, params.contrast, params.saturation)
         if self.mean is not None:
             v = F.normalize(v, mean=list(self.mean), std=list(self.std))
         return v.as_subclass(torch.Tensor)
+
+    @staticmethod
+    def _jitter(v, brightness: float, contrast: float, saturation: float):
+        """Brightness, contrast, saturation (torchvision's order and formulas) on a float ``Video``."""
+        from torchvision.transforms.v2 import functional as F
+
+        if brightness != 1.0:
+            v = F.adjust_brightness(v, brightness)
+        if contrast != 1.0:
+            v = F.adjust_contrast(v, contrast)
+        if saturation != 1.0:
+            v = F.adjust_saturation(v, saturation)
+        return v
 
     def apply(self, video: torch.Tensor, params: ClipParams) -> torch.Tensor:
         """``uint8 (T, 3, H, W)`` -> ``float32 (T, 3, S, S)`` with the given parameters."""
@@ -270,22 +307,21 @@ class BatchClipAugment(_AugmentSpec):
         x = self.crop(clips, params)  # (B, T, 3, S, S) in [0, 1]
         dev = x.device
 
-        def per_clip(values: list[float]) -> torch.Tensor:
-            return torch.tensor(values, dtype=torch.float32, device=dev).view(-1, 1, 1, 1, 1)
+        def per_frame(name: str) -> torch.Tensor:  # (B, T, 1, 1, 1): shared values repeated over the clip
+            values = [p.per_frame(name) for p in params]
+            return rearrange(torch.tensor(values, device=dev), "b t -> b t 1 1 1")
 
-        flips = torch.tensor([p.flip for p in params], device=dev).view(-1, 1, 1, 1, 1)
+        flips = per_frame("flip")  # (B, T, 1, 1, 1) bool
         x = torch.where(flips, x.flip(-1), x)
-        bright = [p.brightness for p in params]
-        if any(v != 1.0 for v in bright):
-            x = (x * per_clip(bright)).clamp_(0.0, 1.0)
-        contrast = [p.contrast for p in params]
-        if any(v != 1.0 for v in contrast):
-            c = per_clip(contrast)
+        bright = per_frame("brightness").float()
+        if bool((bright != 1.0).any()):
+            x = (x * bright).clamp_(0.0, 1.0)
+        c = per_frame("contrast").float()
+        if bool((c != 1.0).any()):
             mean_grey = reduce(self._grey(x), "b t c h w -> b t c 1 1", "mean")  # (B, T, 1, 1, 1)
             x = (c * x + (1.0 - c) * mean_grey).clamp_(0.0, 1.0)
-        sat = [p.saturation for p in params]
-        if any(v != 1.0 for v in sat):
-            s = per_clip(sat)
+        s = per_frame("saturation").float()
+        if bool((s != 1.0).any()):
             x = (s * x + (1.0 - s) * self._grey(x)).clamp_(0.0, 1.0)
         if self.mean is not None:
             mean = torch.tensor(self.mean, device=dev).view(1, 1, 3, 1, 1)
