@@ -1,4 +1,4 @@
-"""Command line: ``vidssl pretrain | propagate | evaluate | data synth | data index | info``.
+"""Command line: ``vidssl pretrain | propagate | evaluate | probe | data synth | data index | info``.
 
 Every subcommand is a thin layer over importable functions; errors in user input end with one line naming the
 file or key (exit code 2), never a traceback.
@@ -146,6 +146,53 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------------------ probe
+def cmd_probe(args: argparse.Namespace) -> int:
+    from vidssl.data import labelled
+    from vidssl.engine.objectives import load_plugins
+    from vidssl.evaluation.probe import format_summary, run_probe
+
+    load_plugins(args.plugin, where="--plugin")
+    if bool(args.checkpoint) == bool(args.encoder):
+        raise UserError("give one feature source: --checkpoint RUN or --encoder NAME")
+    inputs = [x for x in (args.images, args.videos, args.frames) if x]
+    if len(inputs) != 1:
+        raise UserError("give one input: --images DIR, --videos DIR or --frames ROOT")
+    if args.splits and not args.videos:
+        raise UserError("--splits goes with --videos (UCF101/HMDB51 split files)")
+    if args.sequences and not args.frames:
+        raise UserError("--sequences goes with --frames")
+    try:
+        seeds = [int(s) for s in args.seed.split(",")]
+    except ValueError as exc:
+        raise UserError(f"--seed: expected comma-separated integers, got {args.seed!r}") from exc
+    protocols = [p.strip() for p in args.protocols.split(",") if p.strip()]
+    out = Path(args.out)
+    if (out / "probe.json").exists() and not args.force:
+        raise UserError(f"{out / 'probe.json'}: a probe report exists already (pass --force to replace it)")
+    if args.images:
+        data = labelled.image_folder_set(args.images, test_fraction=args.test_fraction, seed=args.split_seed)
+    elif args.videos:
+        data = labelled.video_folder_set(args.videos, clip_len=args.clip_len, stride=args.stride,
+                                         clips_per_video=args.clips_per_video, splits=args.splits,
+                                         split_id=args.split_id, test_fraction=args.test_fraction,
+                                         seed=args.split_seed)
+    else:
+        data = labelled.frame_folders_set(args.frames, clip_len=args.clip_len, stride=args.stride,
+                                          clips_per_video=args.clips_per_video,
+                                          sequences=args.sequences.split(",") if args.sequences else None)
+    c = data.counts()
+    print(f"vidssl probe: {data.mode} {data.root}: {len(data.classes)} classes, {c['train']['clips']} train / "
+          f"{c['test']['clips']} test clips", flush=True)
+    report = run_probe(data, out, checkpoint=args.checkpoint, encoder=args.encoder, seeds=seeds, layer=args.layer,
+                       protocols=protocols, device=args.device, size=args.size, batch_size=args.batch_size,
+                       force=args.force, progress=_progress(args),
+                       extra={"command": "vidssl " + " ".join(sys.argv[1:])})
+    print(format_summary(report))
+    print(f"probed in {report['timings_s']['total']:.1f} s -> {out / 'probe.json'}")
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------------- data
 def cmd_data_synth(args: argparse.Namespace) -> int:
     from vidssl.data import synthetic as syn
@@ -172,6 +219,22 @@ def cmd_data_index(args: argparse.Namespace) -> int:
     print(f"indexed {len(entries)} videos into {args.out}; {len(failures)} unreadable")
     for f in failures:
         print(f"  skipped {f}", file=sys.stderr)
+    return 0
+
+
+def cmd_data_shots(args: argparse.Namespace) -> int:
+    from vidssl.config import apply_overrides, from_dict, to_dict
+    from vidssl.data.shots import detector_params, run_shots
+
+    cls = detector_params(args.detector)
+    params = from_dict(cls, apply_overrides(to_dict(cls()), args.set), prefix="detector")
+    summary = run_shots(args.paths, args.out, detector=args.detector, params=params, workers=args.workers,
+                        resume=not args.no_resume, batch_size=args.batch_size, backend=args.backend,
+                        device=args.device, progress=_progress(args))
+    print(f"shots of {summary.processed} videos written to {args.out} ({summary.skipped} already there); "
+          f"{len(summary.failures)} failed")
+    for f in summary.failures:
+        print(f"  failed {f['path']}: {f['error']}", file=sys.stderr)
     return 0
 
 
@@ -266,6 +329,39 @@ def build_parser() -> argparse.ArgumentParser:
     add_progress(sp)
     sp.set_defaults(func=cmd_evaluate)
 
+    sp = sub.add_parser("probe", help="frozen-feature evaluation: linear probe, kNN, retrieval, arrow of time")
+    src = sp.add_argument_group("feature source (one of; the same architecture at random init is always added)")
+    src.add_argument("--checkpoint", metavar="RUN", help="a vidssl run folder, checkpoint folder or .safetensors")
+    src.add_argument("--encoder", metavar="NAME", help="a registered encoder at random init (resnet18, resnet50, ...)")
+    sp.add_argument("--seed", default="0", help="random-init seed(s), comma-separated (default 0)")
+    inp = sp.add_argument_group("labelled input (one of)")
+    inp.add_argument("--images", metavar="DIR", help="one subfolder per class (or DIR/train + DIR/test)")
+    inp.add_argument("--videos", metavar="DIR", help="one subfolder per class holding videos or frame folders")
+    inp.add_argument("--frames", metavar="ROOT", help="frame folders, each one class; first half of the frames "
+                     "train, second half test (e.g. DAVIS JPEGImages/480p)")
+    sp.add_argument("--splits", metavar="DIR", help="with --videos: UCF101 (classInd.txt, trainlist0K.txt, "
+                    "testlist0K.txt) or HMDB51 (<class>_test_splitK.txt) split files")
+    sp.add_argument("--split-id", type=int, default=1, help="K of the split files (default 1)")
+    sp.add_argument("--sequences", help="with --frames: comma-separated frame folders (default: all)")
+    sp.add_argument("--test-fraction", type=float, default=0.3,
+                    help="without split files: share of each class's images/videos used as test (default 0.3)")
+    sp.add_argument("--split-seed", type=int, default=0, help="seed of that split (default 0)")
+    sp.add_argument("--clip-len", type=int, default=8, help="frames per clip (default 8)")
+    sp.add_argument("--stride", type=int, default=1, help="frame step inside a clip (default 1)")
+    sp.add_argument("--clips-per-video", type=int, default=8,
+                    help="clips per video (--frames: per half), starts spread uniformly (default 8)")
+    sp.add_argument("--protocols", default="linear,knn,retrieval,arrow", help="comma-separated subset")
+    sp.add_argument("--layer", help="ResNet stage read (default: the model's eval_layer)")
+    sp.add_argument("--size", type=int, default=224, help="frames resized (short side) and centre-cropped to this")
+    sp.add_argument("--batch-size", type=int, default=32, help="frames per encoder call")
+    sp.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda or cuda:N")
+    sp.add_argument("--out", required=True, help="folder of the report (probe.json)")
+    sp.add_argument("--force", action="store_true", help="replace an existing probe.json")
+    sp.add_argument("--plugin", action="append", default=[], metavar="MODULE",
+                    help="import MODULE first (registers encoders; a checkpoint's own plugins are imported anyway)")
+    add_progress(sp)
+    sp.set_defaults(func=cmd_probe)
+
     dp = sub.add_parser("data", help="data tools")
     dsub = dp.add_subparsers(dest="data_command", metavar="DATA_COMMAND")
     sp = dsub.add_parser("synth", help="write synthetic videos (DAVIS layout, mp4, or multi-shot mp4)")
@@ -286,6 +382,20 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--no-resume", action="store_true", help="rescan files already in the manifest")
     add_progress(sp)
     sp.set_defaults(func=cmd_data_index)
+    sp = dsub.add_parser("shots", help="shot boundaries of videos (or a manifest) into a JSONL shots file")
+    sp.add_argument("paths", nargs="+", metavar="PATH", help="videos, frame folders, folders of videos, manifests")
+    sp.add_argument("--out", required=True, help="shots file (.jsonl); videos already in it are skipped")
+    sp.add_argument("--detector", choices=["content", "pyscenedetect"], default="content",
+                    help="content: vidssl's histogram detector; pyscenedetect: its ContentDetector (extra)")
+    sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="detector parameter, e.g. --set k=3 (content) or --set threshold=27 (pyscenedetect)")
+    sp.add_argument("--workers", type=int, default=2, help="videos processed at once (threads)")
+    sp.add_argument("--batch-size", type=int, default=64, help="frames decoded per batch")
+    sp.add_argument("--backend", default="auto", help="video decoder: auto, pyav, torchcodec, decord")
+    sp.add_argument("--device", default="cpu", help="cpu or cuda (NVDEC decoding, histograms on the GPU)")
+    sp.add_argument("--no-resume", action="store_true", help="re-detect videos already in the output")
+    add_progress(sp)
+    sp.set_defaults(func=cmd_data_shots)
     dp.set_defaults(func=lambda a: (dp.print_help(), EXIT_USAGE)[1])
 
     sp = sub.add_parser("info", help="versions, decoders and devices found")

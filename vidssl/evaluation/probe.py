@@ -1,0 +1,637 @@
+"""Frozen-feature evaluation (``vidssl probe``): linear probe, weighted kNN, clip retrieval, arrow of time.
+
+Protocol functions are pure tensor functions on features and integer labels (any device, no model, no files), so an
+objective can call them as an in-training monitor:
+
+* :func:`linear_probe` -- standardise with train statistics, multinomial logistic regression (full-batch L-BFGS,
+  float64) for each L2 strength of a log-spaced sweep, pick the best on a held-out part of the train split (whole
+  videos when a class has several, else the class's last items in order), retrain on the whole train split, score
+  test top-1 (and top-5 above 5 classes).
+* :func:`knn_classify` -- weighted kNN of Wu et al. 2018 / DINO: cosine similarity on L2-normalised features, the
+  ``k`` most similar train items (``k`` capped at the train size, recorded) vote for their class with weight
+  ``exp(sim / T)``, ``T = 0.07``.
+* :func:`retrieval_recall` -- test clips query the train clips by cosine similarity; Recall@k is the fraction of
+  queries with a same-class train clip among the top ``k`` (``k`` capped at the train size, recorded).
+* :func:`arrow_of_time_probe` -- a linear head (the linear probe above, two classes) on frozen clip features predicts
+  forward vs time-reversed, trained and tested on disjoint videos. The clip feature keeps the order: the per-frame
+  pooled features concatenated over the clip frames in time order (``T * C`` dims); for a per-frame encoder the
+  reversed clip's feature is the same per-frame features concatenated in reverse order (exactly what encoding the
+  reversed frames gives).
+
+:func:`run_probe` evaluates a checkpoint (or a built-in encoder) and, always, the same architecture at random init
+(seeded) on a :class:`vidssl.data.labelled.ProbeSet`, and writes one JSON report atomically. Features are the global
+average pool of the encoder output at ``model.eval_layer`` for ResNets (the final output for other encoders) of
+frames resized (short side) and centre-cropped to ``size`` without augmentation; a clip's feature for the
+classification protocols is the mean over its frames.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import einsum, rearrange, reduce
+
+from vidssl.data.labelled import ProbeItem, ProbeSet, read_item_frames
+from vidssl.io.atomic import atomic_write_text
+from vidssl.models.encoders import ModelConfig, build_model_encoder
+from vidssl.models.lab import normalise_lab, rgb_to_lab
+
+__all__ = [
+    "DEFAULT_L2",
+    "KNN_KS",
+    "PROTOCOLS",
+    "RETRIEVAL_KS",
+    "FrameFeatures",
+    "arrow_of_time_probe",
+    "clip_features",
+    "evaluate_features",
+    "fit_logistic",
+    "holdout_split",
+    "knn_classify",
+    "knn_scores",
+    "linear_probe",
+    "retrieval_recall",
+    "run_probe",
+    "topk_accuracy",
+]
+
+DEFAULT_L2: tuple[float, ...] = tuple(10.0 ** e for e in range(-6, 1))  #: L2 sweep 1e-6 .. 1e0
+KNN_KS: tuple[int, ...] = (20, 200)
+KNN_TEMPERATURE = 0.07
+RETRIEVAL_KS: tuple[int, ...] = (1, 5, 10, 20)
+PROTOCOLS: tuple[str, ...] = ("linear", "knn", "retrieval", "arrow")
+REPORT_NAME = "probe.json"
+
+
+# ================================================================================================ pure protocols
+def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, k: int = 1) -> float:
+    """Fraction of rows of ``scores (N, K)`` whose label is among the ``k`` highest scores."""
+    k = min(k, scores.shape[1])
+    top = scores.topk(k, dim=1).indices  # n k
+    return float((top == labels[:, None]).any(dim=1).double().mean())
+
+
+def _check_xy(x: torch.Tensor, y: torch.Tensor, name: str) -> None:
+    if x.ndim != 2:
+        raise ValueError(f"{name}_x: expected (N, D) features, got shape {tuple(x.shape)}")
+    if y.ndim != 1 or y.shape[0] != x.shape[0]:
+        raise ValueError(f"{name}_y: expected ({x.shape[0]},) labels, got shape {tuple(y.shape)}")
+    if x.shape[0] == 0:
+        raise ValueError(f"{name}_x: no items")
+    if not torch.isfinite(x).all():
+        raise ValueError(f"{name}_x: features contain NaN or inf")
+
+
+def standardise(train_x: torch.Tensor, *others: torch.Tensor) -> list[torch.Tensor]:
+    """Subtract the train mean and divide by the train std (constant dimensions are divided by 1)."""
+    mean = reduce(train_x, "n d -> d", "mean")  # d
+    std = train_x.std(dim=0, unbiased=False)  # d
+    std = torch.where(std > 1e-8, std, torch.ones_like(std))  # d
+    return [(x - mean) / std for x in (train_x, *others)]  # each (n, d)
+
+
+def fit_logistic(x: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float, *, max_iter: int = 500
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Multinomial logistic regression, loss ``mean CE + l2 / 2 * ||W||^2`` (bias not penalised), full-batch
+    L-BFGS with a strong-Wolfe line search from zero, in float64. Returns ``(W (D, K), b (K,))``."""
+    x = x.detach().to(torch.float64).clone()  # n d
+    w = torch.zeros(x.shape[1], num_classes, dtype=torch.float64, device=x.device, requires_grad=True)  # d k
+    b = torch.zeros(num_classes, dtype=torch.float64, device=x.device, requires_grad=True)  # k
+    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=max_iter, history_size=20, tolerance_grad=1e-9,
+                            tolerance_change=1e-12, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        logits = einsum(x, w, "n d, d k -> n k") + b  # n k
+        loss = F.cross_entropy(logits, y) + 0.5 * l2 * w.pow(2).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    return w.detach(), b.detach()
+
+
+def _logits(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return einsum(x.to(torch.float64), w, "n d, d k -> n k") + b  # n k
+
+
+def holdout_split(labels: torch.Tensor, groups: Sequence[Any] | None = None, fraction: float = 0.2
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Deterministic per-class held-out split of a train split: ``(fit indices, held-out indices)``.
+
+    For each class: when its items come from at least 2 groups (videos), the last ``ceil(fraction * groups)`` groups
+    (in order of first appearance) are held out, so no video is on both sides; otherwise its last
+    ``ceil(fraction * n)`` items (in order: the latest frames for a frame folder). A class with 1 item stays in fit.
+    """
+    n = labels.shape[0]
+    groups = list(range(n)) if groups is None else list(groups)
+    if len(groups) != n:
+        raise ValueError(f"groups: expected {n} entries (one per item), got {len(groups)}")
+    held: list[int] = []
+    for c in labels.unique().tolist():
+        idx = [i for i in range(n) if int(labels[i]) == c]
+        order = list(dict.fromkeys(groups[i] for i in idx))
+        if len(order) >= 2:
+            out = set(order[len(order) - math.ceil(fraction * len(order)):])
+            held += [i for i in idx if groups[i] in out]
+        elif len(idx) >= 2:
+            held += idx[len(idx) - math.ceil(fraction * len(idx)):]
+    held_t = torch.tensor(sorted(held), dtype=torch.long)
+    mask = torch.ones(n, dtype=torch.bool)
+    mask[held_t] = False
+    return mask.nonzero().flatten(), held_t
+
+
+def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor, *,
+                 l2_grid: Sequence[float] = DEFAULT_L2, groups: Sequence[Any] | None = None,
+                 val_fraction: float = 0.2, num_classes: int | None = None, max_iter: int = 500) -> dict[str, Any]:
+    """Linear probe on frozen features (see the module docstring).
+
+    Args:
+        train_x, test_x: ``(N, D)`` / ``(M, D)`` features; train_y, test_y: integer labels in ``[0, K)``.
+        l2_grid: L2 strengths swept; the best held-out top-1 wins (ties: lower held-out loss, then stronger L2).
+        groups: the video of each train item (held-out videos never share a video with the fit part).
+        val_fraction: share of each class's videos (or items) held out for the sweep.
+        num_classes: ``K`` (default: 1 + the largest label).
+
+    Returns floats: ``top1`` (test), ``top5`` (above 5 classes), ``l2``, ``train_top1``, the ``sweep`` rows, counts.
+    """
+    _check_xy(train_x, train_y, "train")
+    _check_xy(test_x, test_y, "test")
+    if train_x.shape[1] != test_x.shape[1]:
+        raise ValueError(f"test_x: {test_x.shape[1]} dims, train_x has {train_x.shape[1]}")
+    if not l2_grid:
+        raise ValueError("l2_grid: give at least one L2 strength")
+    k = int(num_classes or 1 + max(int(train_y.max()), int(test_y.max())))
+    fit_i, val_i = holdout_split(train_y.cpu(), groups, val_fraction)
+    if len(val_i) == 0 or len(fit_i) == 0:
+        raise ValueError("linear probe: the train split is too small to hold out items for the L2 choice "
+                         f"({len(train_y)} items; need at least 2 of some class)")
+    fit_i, val_i = fit_i.to(train_x.device), val_i.to(train_x.device)
+    fx, vx = standardise(train_x[fit_i].double(), train_x[val_i].double())  # (n_fit, d), (n_val, d)
+    sweep = []
+    for l2 in l2_grid:
+        w, b = fit_logistic(fx, train_y[fit_i], k, float(l2), max_iter=max_iter)
+        logits = _logits(vx, w, b)  # n_val k
+        sweep.append({"l2": float(l2), "val_top1": topk_accuracy(logits, train_y[val_i]),
+                      "val_loss": float(F.cross_entropy(logits, train_y[val_i]))})
+    best = max(sweep, key=lambda r: (r["val_top1"], -r["val_loss"], r["l2"]))
+    tx, sx = standardise(train_x.double(), test_x.double())  # (n, d), (m, d)
+    w, b = fit_logistic(tx, train_y, k, best["l2"], max_iter=max_iter)
+    test_logits = _logits(sx, w, b)  # m k
+    out = {"top1": topk_accuracy(test_logits, test_y), "l2": best["l2"],
+           "train_top1": topk_accuracy(_logits(tx, w, b), train_y), "num_train": int(train_y.shape[0]),
+           "num_fit": int(len(fit_i)), "num_heldout": int(len(val_i)), "num_test": int(test_y.shape[0]),
+           "num_classes": k, "dim": int(train_x.shape[1]), "chance": 1.0 / k,
+           "majority": float(torch.bincount(test_y, minlength=k).max()) / len(test_y), "sweep": sweep}
+    if k > 5:
+        out["top5"] = topk_accuracy(test_logits, test_y, 5)
+    return out
+
+
+def knn_scores(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, *, k: int = 20,
+               temperature: float = KNN_TEMPERATURE, num_classes: int | None = None, chunk: int = 1024
+               ) -> torch.Tensor:
+    """Class votes ``(M, K)`` of the weighted kNN: for each test row the ``min(k, N)`` train rows of highest cosine
+    similarity ``s`` add ``exp(s / temperature)`` to their class."""
+    if k < 1 or temperature <= 0:
+        raise ValueError(f"knn: need k >= 1 and temperature > 0, got k={k}, temperature={temperature}")
+    num_classes = int(num_classes or 1 + int(train_y.max()))
+    bank = F.normalize(train_x.float(), dim=1)  # n d
+    kk = min(k, bank.shape[0])
+    out = []
+    for q in F.normalize(test_x.float(), dim=1).split(chunk):  # q: (m_chunk, d)
+        sims = einsum(q, bank, "m d, n d -> m n")  # m n
+        top_s, top_i = sims.topk(kk, dim=1)  # (m, kk), (m, kk)
+        votes = torch.zeros(q.shape[0], num_classes, device=q.device)  # m k
+        votes.scatter_add_(1, train_y[top_i], (top_s / temperature).exp())  # m k
+        out.append(votes)
+    return torch.cat(out)  # m k
+
+
+def knn_classify(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor, *,
+                 k: int = 20, temperature: float = KNN_TEMPERATURE, num_classes: int | None = None
+                 ) -> dict[str, Any]:
+    """Weighted kNN accuracy (:func:`knn_scores`): ``top1`` (``top5`` above 5 classes), ``k`` used and requested."""
+    _check_xy(train_x, train_y, "train")
+    _check_xy(test_x, test_y, "test")
+    num_classes = int(num_classes or 1 + max(int(train_y.max()), int(test_y.max())))
+    votes = knn_scores(train_x, train_y, test_x, k=k, temperature=temperature, num_classes=num_classes)  # m k
+    out = {"top1": topk_accuracy(votes, test_y), "k": min(k, train_x.shape[0]), "k_requested": k,
+           "temperature": temperature, "num_train": int(train_x.shape[0]), "num_test": int(test_x.shape[0])}
+    if num_classes > 5:
+        out["top5"] = topk_accuracy(votes, test_y, 5)
+    return out
+
+
+def retrieval_recall(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor, *,
+                     ks: Sequence[int] = RETRIEVAL_KS) -> dict[str, Any]:
+    """Recall@k of test queries against the train gallery (cosine similarity; a hit is a same-class clip among the
+    ``min(k, N)`` most similar). Returns ``{"R@k": float, ..., "k_used": {"R@k": int}}``."""
+    _check_xy(train_x, train_y, "train")
+    _check_xy(test_x, test_y, "test")
+    sims = einsum(F.normalize(test_x.float(), dim=1), F.normalize(train_x.float(), dim=1), "m d, n d -> m n")  # m n
+    order = sims.argsort(dim=1, descending=True, stable=True)  # m n
+    same = train_y[order] == test_y[:, None]  # m n, ranked
+    first_hit = torch.where(same.any(1), same.float().argmax(1), torch.full_like(test_y, sims.shape[1]))  # m
+    out: dict[str, Any] = {}
+    used = {}
+    for k in ks:
+        kk = min(int(k), sims.shape[1])
+        out[f"R@{k}"] = float((first_hit < kk).double().mean())
+        used[f"R@{k}"] = kk
+    out["k_used"] = used
+    out["num_gallery"], out["num_queries"] = int(sims.shape[1]), int(sims.shape[0])
+    return out
+
+
+def arrow_of_time_probe(train_seq: torch.Tensor, test_seq: torch.Tensor, *, train_groups: Sequence[Any] | None = None,
+                        **probe_kwargs: Any) -> dict[str, Any]:
+    """Forward vs reversed with a linear head on order-keeping clip features.
+
+    Args:
+        train_seq, test_seq: per-frame features ``(N, T, C)`` / ``(M, T, C)`` of clips of disjoint videos, in time
+            order. Each clip gives a forward sample (frames concatenated in order, label 1) and a reversed one (the
+            same frames concatenated in reverse order, label 0).
+        train_groups: the video of each train clip (the held-out part of the sweep keeps videos and both directions
+            of a clip together; default: each clip its own group).
+        probe_kwargs: passed to :func:`linear_probe`.
+    """
+    for name, s in (("train_seq", train_seq), ("test_seq", test_seq)):
+        if s.ndim != 3 or s.shape[1] < 2:
+            raise ValueError(f"{name}: expected (N, T >= 2, C) per-frame features, got shape {tuple(s.shape)}")
+
+    def both(seq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        fwd = rearrange(seq, "n t c -> n (t c)")
+        rev = rearrange(seq.flip(1), "n t c -> n (t c)")
+        x = torch.cat([fwd, rev])  # 2n (t c)
+        y = torch.cat([torch.ones(len(seq)), torch.zeros(len(seq))]).long().to(seq.device)  # 2n
+        return x, y
+
+    groups = list(train_groups) if train_groups is not None else list(range(len(train_seq)))
+    tx, ty = both(train_seq)
+    sx, sy = both(test_seq)
+    out = linear_probe(tx, ty, sx, sy, groups=groups + groups, num_classes=2, **probe_kwargs)
+    out["num_clips_train"], out["num_clips_test"] = int(len(train_seq)), int(len(test_seq))
+    return out
+
+
+# ============================================================================================ features from models
+@dataclass
+class FrameFeatures:
+    """Frozen per-frame features: resize (short side, bilinear with antialiasing) and centre-crop to ``size``, the
+    encoder's input colour space, encoder to ``layer`` (``None``: its final output), global average pool.
+
+    ``__call__``: ``uint8 (N, 3, H, W)`` -> ``float32 (N, C)`` on ``device``.
+    """
+
+    encoder: nn.Module
+    layer: str | None
+    colour: str = "rgb"  #: "rgb" (normalised with mean/std) or "lab" (MAST's normalised Lab)
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    size: int = 224
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if self.colour not in ("rgb", "lab"):
+            raise ValueError(f"colour: {self.colour!r}; expected 'rgb' or 'lab'")
+        if self.size < 8:
+            raise ValueError(f"size: expected at least 8 pixels, got {self.size}")
+        self.encoder = self.encoder.to(self.device).eval()
+
+    def preprocess(self, frames: torch.Tensor) -> torch.Tensor:
+        """``uint8 (N, 3, H, W)`` -> encoder input ``float32 (N, 3, size, size)``."""
+        x = frames.to(self.device).float() / 255.0  # n 3 h w
+        h, w = x.shape[-2:]
+        scale = self.size / min(h, w)
+        nh, nw = max(self.size, round(h * scale)), max(self.size, round(w * scale))
+        x = F.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False, antialias=True)  # n 3 nh nw
+        top, left = (nh - self.size) // 2, (nw - self.size) // 2
+        x = x[..., top:top + self.size, left:left + self.size].clamp(0.0, 1.0)  # n 3 s s
+        if self.colour == "lab":
+            return normalise_lab(rgb_to_lab(x))  # n 3 s s
+        mean = torch.tensor(self.mean, device=x.device)[None, :, None, None]  # 1 3 1 1
+        std = torch.tensor(self.std, device=x.device)[None, :, None, None]  # 1 3 1 1
+        return (x - mean) / std  # n 3 s s
+
+    def __call__(self, frames: torch.Tensor) -> torch.Tensor:
+        return self.encode(self.preprocess(frames))
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Preprocessed ``(N, 3, size, size)`` -> pooled ``float32 (N, C)``."""
+        with torch.inference_mode():
+            fmap = self.encoder(x, upto=self.layer) if self.layer is not None else self.encoder(x)  # n c h w
+            feats = reduce(fmap.float(), "n c h w -> n c", "mean")  # n c
+        return feats.clone()
+
+    def describe(self) -> str:
+        norm = (f"RGB/255 normalised with mean {list(self.mean)} std {list(self.std)}" if self.colour == "rgb"
+                else "normalised Lab ((L-50)/50, a/127, b/127)")
+        return (f"resize short side to {self.size} (bilinear, antialiased), centre crop {self.size}x{self.size}, "
+                f"{norm}; no augmentation; global average pool of {self.layer or 'the final output'}")
+
+
+def clip_features(items: Sequence[ProbeItem], features: FrameFeatures, *, batch_size: int = 32,
+                  progress: bool = False) -> torch.Tensor:
+    """Per-frame features of every clip, ``(N, T, C)`` on the CPU. Each distinct frame is encoded once, in batches
+    of ``batch_size`` frames read file by file."""
+    from tqdm import tqdm
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
+    lens = {len(it.frames) for it in items}
+    if len(lens) != 1:
+        raise ValueError(f"items: clips of different lengths {sorted(lens)}; expected one clip length")
+    unique: dict[str, dict[int, None]] = {}
+    for it in items:
+        unique.setdefault(it.path, {}).update(dict.fromkeys(it.frames))
+    wanted = {path: sorted(frames) for path, frames in unique.items()}
+    total = sum(len(v) for v in wanted.values())
+    rows: dict[tuple[str, int], torch.Tensor] = {}
+    keys: list[tuple[str, int]] = []
+    pending: list[torch.Tensor] = []
+    bar = tqdm(total=total, desc="features", unit="frame", disable=not progress, leave=False)
+
+    def flush() -> None:
+        if pending:
+            feats = features.encode(torch.cat(pending)).cpu()  # b c
+            rows.update(zip(keys, feats))
+            bar.update(len(keys))
+            keys.clear()
+            pending.clear()
+
+    for path, frames in wanted.items():
+        for start in range(0, len(frames), batch_size):
+            idx = frames[start:start + batch_size]
+            pending.append(features.preprocess(read_item_frames(path, idx)))  # t 3 s s
+            keys.extend((path, i) for i in idx)
+            if len(keys) >= batch_size:
+                flush()
+    flush()
+    bar.close()
+    return torch.stack([torch.stack([rows[(it.path, f)] for f in it.frames]) for it in items])  # n t c
+
+
+# ============================================================================================ protocols on a set
+def arrow_split(items: Sequence[ProbeItem]) -> tuple[list[int], list[int], str]:
+    """Clip indices ``(train, test)`` on disjoint videos for the arrow-of-time probe, and how they were chosen.
+
+    When the train and test splits share no video they are used as they are. Otherwise (frame folders: both halves
+    come from every video) the distinct videos, sorted by name, go alternately to train and test (first to train),
+    and all clips of a video follow it.
+    """
+    train_v = {it.video for it in items if it.split == "train"}
+    test_v = {it.video for it in items if it.split == "test"}
+    if not train_v & test_v:
+        return ([i for i, it in enumerate(items) if it.split == "train"],
+                [i for i, it in enumerate(items) if it.split == "test"], "the train/test split (disjoint videos)")
+    videos = sorted(train_v | test_v)
+    if len(videos) < 2:
+        raise ValueError("arrow-of-time probe: needs clips of at least 2 videos (train and test videos differ)")
+    to_train = set(videos[0::2])
+    names = [Path(v).name for v in videos]
+    how = (f"videos sorted by name go alternately to train and test, all clips of a video (both time halves) "
+           f"follow it: train {names[0::2]}, test {names[1::2]}")
+    return ([i for i, it in enumerate(items) if it.video in to_train],
+            [i for i, it in enumerate(items) if it.video not in to_train], how)
+
+
+def protocol_strings(*, l2_grid: Sequence[float] = DEFAULT_L2, knn_ks: Sequence[int] = KNN_KS,
+                     retrieval_ks: Sequence[int] = RETRIEVAL_KS, val_fraction: float = 0.2) -> dict[str, str]:
+    """One sentence per protocol, recorded in the report."""
+    grid = ", ".join(f"{v:g}" for v in l2_grid)
+    return {
+        "linear": (f"multinomial logistic regression on clip features (mean over frames) standardised with train "
+                   f"statistics; full-batch L-BFGS (strong Wolfe, float64) on mean CE + l2/2 ||W||^2; l2 in [{grid}] "
+                   f"chosen by top-1 on a held-out {val_fraction:g} of each class's train videos (or its last items "
+                   "when a class has one train video), then retrained on the whole train split; test top-1"),
+        "knn": (f"knn cosine k={'/'.join(str(k) for k in knn_ks)} (capped at the train size) T={KNN_TEMPERATURE} on "
+                "L2-normalised clip features (mean over frames), votes exp(sim/T) summed per class; test top-1"),
+        "retrieval": (f"test clips query train clips by cosine similarity of L2-normalised clip features; "
+                      f"Recall@{'/'.join(str(k) for k in retrieval_ks)} = fraction of queries with a same-class "
+                      "train clip among the top k (k capped at the train size)"),
+        "arrow": ("forward vs time-reversed: clip feature = per-frame pooled features concatenated in time order "
+                  "(T*C dims; the reversed clip = the same frames concatenated in reverse order), label 1 forward / "
+                  "0 reversed, the linear-probe protocol above (2 classes) trained and tested on disjoint videos; "
+                  "test top-1 (chance 0.5)"),
+    }
+
+
+def evaluate_features(seq: torch.Tensor, data: ProbeSet, *, protocols: Sequence[str] = PROTOCOLS,
+                      l2_grid: Sequence[float] = DEFAULT_L2, knn_ks: Sequence[int] = KNN_KS,
+                      retrieval_ks: Sequence[int] = RETRIEVAL_KS) -> dict[str, Any]:
+    """Run the chosen protocols on per-frame clip features ``seq (N, T, C)`` of ``data.items`` (same order)."""
+    unknown = sorted(set(protocols) - set(PROTOCOLS))
+    if unknown:
+        raise ValueError(f"protocols: unknown {unknown}; expected some of {list(PROTOCOLS)}")
+    items = data.items
+    labels = torch.tensor([it.label for it in items])  # n
+    clip = reduce(seq, "n t c -> n c", "mean")  # n c
+    tr = torch.tensor([i for i, it in enumerate(items) if it.split == "train"])
+    te = torch.tensor([i for i, it in enumerate(items) if it.split == "test"])
+    k = len(data.classes)
+    out: dict[str, Any] = {}
+    timings: dict[str, float] = {}
+    args = (clip[tr], labels[tr], clip[te], labels[te])
+    if "linear" in protocols:
+        t0 = time.perf_counter()
+        out["linear"] = linear_probe(*args, l2_grid=l2_grid, groups=[items[i].video for i in tr], num_classes=k)
+        timings["linear"] = time.perf_counter() - t0
+    if "knn" in protocols:
+        t0 = time.perf_counter()
+        out["knn"] = {f"k={kk}": knn_classify(*args, k=kk, num_classes=k) for kk in knn_ks}
+        timings["knn"] = time.perf_counter() - t0
+    if "retrieval" in protocols:
+        t0 = time.perf_counter()
+        out["retrieval"] = retrieval_recall(*args, ks=retrieval_ks)
+        timings["retrieval"] = time.perf_counter() - t0
+    if "arrow" in protocols:
+        t0 = time.perf_counter()
+        if seq.shape[1] < 2:
+            out["arrow"] = {"skipped": "clips of 1 frame have no temporal order (images, or clip_len 1)"}
+        else:
+            a_tr, a_te, how = arrow_split(items)
+            out["arrow"] = arrow_of_time_probe(seq[a_tr], seq[a_te], train_groups=[items[i].video for i in a_tr],
+                                               l2_grid=l2_grid)
+            out["arrow"]["split"] = how
+        timings["arrow"] = time.perf_counter() - t0
+    out["timings_s"] = timings
+    return out
+
+
+def headline(results: dict[str, Any]) -> dict[str, float]:
+    """The scalar metrics of one encoder's results: ``{"linear.top1": ..., "knn.k=20.top1": ..., ...}``."""
+    out = {}
+    if "linear" in results:
+        out["linear.top1"] = results["linear"]["top1"]
+    for name, r in results.get("knn", {}).items():
+        out[f"knn.{name}.top1"] = r["top1"]
+    for name, v in results.get("retrieval", {}).items():
+        if name.startswith("R@"):
+            out[f"retrieval.{name}"] = v
+    if "top1" in results.get("arrow", {}):
+        out["arrow.top1"] = results["arrow"]["top1"]
+    return out
+
+
+# ================================================================================================= the runner
+def _resolve_device(device: str | None) -> str:
+    if device in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device: {device!r} but CUDA is not available (use --device cpu)")
+    return str(device)
+
+
+def _feature_layer(encoder: nn.Module, model_cfg: ModelConfig, layer: str | None) -> str | None:
+    """``layer`` or ``model.eval_layer`` for torchvision ResNets; ``None`` (final output) for other encoders."""
+    if model_cfg.encoder not in ("resnet18", "resnet34", "resnet50"):
+        if layer is not None:
+            raise ValueError(f"layer: only ResNet encoders take a feature layer; {model_cfg.encoder} is read at its "
+                             "final output")
+        return None
+    layer = layer or model_cfg.eval_layer
+    if layer not in getattr(encoder, "layers", ()):
+        raise ValueError(f"layer: {layer!r} is not built in this {model_cfg.encoder} (has {list(encoder.layers)})")
+    return layer
+
+
+def random_init_encoder(model_cfg: ModelConfig, seed: int) -> nn.Module:
+    """The architecture of ``model_cfg`` at random init from ``seed`` (a forked RNG; the global one is untouched)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        return build_model_encoder(model_cfg).eval()
+
+
+def _sources(checkpoint: str | Path | None, encoder: str | None, seeds: Sequence[int]
+             ) -> tuple[list[tuple[str, nn.Module, dict[str, Any]]], ModelConfig, dict[str, Any]]:
+    """``[(role, encoder, description)]``: the trained checkpoint encoder (if any) then one random init per seed."""
+    if (checkpoint is None) == (encoder is None):
+        raise ValueError("give exactly one feature source: a checkpoint or an encoder name")
+    if not seeds:
+        raise ValueError("seeds: give at least one random-init seed")
+    out = []
+    config: dict[str, Any] = {}
+    if checkpoint is not None:
+        from vidssl.engine import encoder_from_checkpoint
+        from vidssl.engine.checkpoint import resolve_checkpoint
+
+        ckpt = resolve_checkpoint(checkpoint)
+        enc, model_cfg, config, step = encoder_from_checkpoint(ckpt)
+        out.append(("trained", enc, {"source": "checkpoint", "checkpoint": str(ckpt), "run": config.get("name"),
+                                     "step": step}))
+    else:
+        from vidssl.models.encoders import encoder_names
+
+        if encoder not in encoder_names():
+            raise ValueError(f"encoder: unknown {encoder!r}; available: {', '.join(encoder_names())}")
+        model_cfg = ModelConfig(encoder=encoder, colour="lab" if encoder == "mast_resnet18" else "rgb")
+    for seed in seeds:
+        out.append(("random_init", random_init_encoder(model_cfg, seed),
+                    {"source": "random-init", "seed": int(seed)}))
+    return out, model_cfg, config
+
+
+def _mean_std(config: dict[str, Any]) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The data normalisation the run trained with (ImageNet's when absent)."""
+    data = config.get("data") if isinstance(config.get("data"), dict) else {}
+    mean = tuple(float(v) for v in data.get("mean", (0.485, 0.456, 0.406)))
+    std = tuple(float(v) for v in data.get("std", (0.229, 0.224, 0.225)))
+    return mean, std
+
+
+def run_probe(data: ProbeSet, out_dir: str | Path | None = None, *, checkpoint: str | Path | None = None,
+              encoder: str | None = None, seeds: Sequence[int] = (0,), layer: str | None = None,
+              protocols: Sequence[str] = PROTOCOLS, device: str | None = "auto", size: int = 224,
+              batch_size: int = 32, l2_grid: Sequence[float] = DEFAULT_L2, knn_ks: Sequence[int] = KNN_KS,
+              retrieval_ks: Sequence[int] = RETRIEVAL_KS, force: bool = False, progress: bool = False,
+              extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Evaluate a checkpoint's encoder (or a built-in ``encoder``) and the same architecture at random init (one per
+    seed) with the frozen-feature protocols on ``data``; write ``out_dir/probe.json`` atomically and return it.
+
+    An existing report is an error unless ``force`` (it is replaced only once the new one is complete).
+    """
+    t_start = time.perf_counter()
+    report_path = Path(out_dir) / REPORT_NAME if out_dir is not None else None
+    if report_path is not None and report_path.exists() and not force:
+        raise FileExistsError(f"{report_path}: a probe report exists already (pass --force to replace it)")
+    unknown = sorted(set(protocols) - set(PROTOCOLS))
+    if unknown or not protocols:
+        raise ValueError(f"protocols: {unknown or 'none given'}; expected some of {list(PROTOCOLS)}")
+    device = _resolve_device(device)
+    sources, model_cfg, config = _sources(checkpoint, encoder, seeds)
+    mean, std = _mean_std(config)
+    colour = model_cfg.colour if model_cfg.colour != "auto" else "rgb"
+    feat_layer = _feature_layer(sources[0][1], model_cfg, layer)
+    encoders = []
+    for role, enc, desc in sources:
+        ff = FrameFeatures(enc, feat_layer, colour=colour, mean=mean, std=std, size=size, device=device)
+        t0 = time.perf_counter()
+        seq = clip_features(data.items, ff, batch_size=batch_size, progress=progress)  # n t c
+        t_feat = time.perf_counter() - t0
+        results = evaluate_features(seq, data, protocols=protocols, l2_grid=l2_grid, knn_ks=knn_ks,
+                                    retrieval_ks=retrieval_ks)
+        results["timings_s"]["features"] = t_feat
+        encoders.append({"role": role, **desc, "feature_dim": int(seq.shape[-1]),
+                         "arrow_dim": int(seq.shape[1] * seq.shape[2]), "results": results,
+                         "headline": headline(results)})
+        if device.startswith("cuda"):
+            encoders[-1]["peak_memory_bytes"] = int(torch.cuda.max_memory_allocated())
+    summary: dict[str, Any] = {}
+    for metric in encoders[0]["headline"]:
+        rand = [e["headline"][metric] for e in encoders if e["role"] == "random_init"]
+        row: dict[str, Any] = {"random_init": rand,
+                               "random_init_mean": sum(rand) / len(rand),
+                               "random_init_std": float(torch.tensor(rand).std()) if len(rand) > 1 else 0.0}
+        trained = [e["headline"][metric] for e in encoders if e["role"] == "trained"]
+        if trained:
+            row["trained"] = trained[0]
+        summary[metric] = row
+    arch = f"{model_cfg.encoder}" + (f".{feat_layer}" if feat_layer else ".final")
+    report = {
+        "kind": "vidssl probe",
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "encoder": {"arch": model_cfg.encoder, "layer": feat_layer or "final output", "description": arch,
+                    "model": {k: getattr(model_cfg, k) for k in ("encoder", "out_layer", "eval_layer", "stride8",
+                                                                 "padding_mode", "norm", "colour")},
+                    "input": FrameFeatures(nn.Identity(), feat_layer, colour=colour, mean=mean, std=std,
+                                           size=size).describe(),
+                    "clip_feature": "mean over the clip's frames of the per-frame pooled features",
+                    "arrow_feature": "per-frame pooled features concatenated over the clip frames in time order"},
+        "data": {"mode": data.mode, "root": data.root, "protocol": data.protocol, "classes": data.classes,
+                 "clip_len": data.clip_len, "counts": data.counts(), **data.extra},
+        "protocols": {k: v for k, v in protocol_strings(l2_grid=l2_grid, knn_ks=knn_ks,
+                                                        retrieval_ks=retrieval_ks).items() if k in protocols},
+        "device": device + (f" ({torch.cuda.get_device_name(device)})" if device.startswith("cuda") else ""),
+        "host": {"python": platform.python_version(), "torch": torch.__version__,
+                 "threads": torch.get_num_threads()},
+        "summary": summary,
+        "encoders": encoders,
+        **(extra or {}),
+    }
+    report["timings_s"] = {"total": time.perf_counter() - t_start}
+    if report_path is not None:
+        atomic_write_text(report_path, json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def format_summary(report: dict[str, Any]) -> str:
+    """A table of the headline metrics: trained (if any) and random init (mean +- std over seeds)."""
+    rows = [f"{'metric':22s} {'trained':>9s} {'random init':>18s}"]
+    for metric, r in report["summary"].items():
+        tr = f"{r['trained']:.4f}" if "trained" in r else "-"
+        n = len(r["random_init"])
+        rnd = f"{r['random_init_mean']:.4f}" + (f" +- {r['random_init_std']:.4f}" if n > 1 else "")
+        rows.append(f"{metric:22s} {tr:>9s} {rnd:>18s}")
+    return "\n".join(rows)
