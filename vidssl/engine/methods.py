@@ -12,6 +12,7 @@ from vidssl.models.crw import CRW
 from vidssl.models.mast import MAST
 from vidssl.models.objective import Objective
 from vidssl.models.timecycle import TimeCycle
+from vidssl.models.vivi import VIVI
 
 
 def builtin_methods() -> dict[str, type[Objective]]:
@@ -21,6 +22,7 @@ def builtin_methods() -> dict[str, type[Objective]]:
         "corrflow": CorrFlow,  # Lai & Xie 2019, Correspondence Flow
         "mast": MAST,  # Lai, Lu, Xie 2020, memory-augmented self-supervised tracker
         "timecycle": TimeCycle,  # Wang, Jabri, Efros 2019, cycle-consistency of time
+        "vivi": VIVI,  # Tschannen et al. 2020, video-induced visual invariances (shots)
     }
 
 

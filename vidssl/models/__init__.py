@@ -8,7 +8,8 @@ from vidssl.models.local_attention import local_aggregate, local_attention, loca
 from vidssl.models.mast import MAST, lab_channel_dropout
 from vidssl.models.mast_encoder import MASTEncoder
 from vidssl.models.timecycle import Localizer, TimeCycle, TimeCycleHead
+from vidssl.models.vivi import VIVI, ShotPooling
 
-__all__ = ["CRW", "ENCODERS", "Localizer", "MAST", "TimeCycle", "TimeCycleHead", "CorrFlow", "MASTEncoder", "ResNetEncoder", "build_encoder", "grid_patches",
+__all__ = ["CRW", "ENCODERS", "Localizer", "MAST", "TimeCycle", "TimeCycleHead", "VIVI", "ShotPooling", "CorrFlow", "MASTEncoder", "ResNetEncoder", "build_encoder", "grid_patches",
            "jitter_patches", "lab_channel_dropout", "lab_to_rgb", "local_aggregate", "local_attention",
            "local_correlation", "normalise_lab", "rgb_channel_dropout", "rgb_to_lab"]
