@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from vidssl.models.corrflow import CorrFlow
 from vidssl.models.crw import CRW
+from vidssl.models.instance import InstanceDiscrimination
 from vidssl.models.mast import MAST
 from vidssl.models.objective import Objective
 from vidssl.models.timecycle import TimeCycle
@@ -23,6 +24,7 @@ def builtin_methods() -> dict[str, type[Objective]]:
         "mast": MAST,  # Lai, Lu, Xie 2020, memory-augmented self-supervised tracker
         "timecycle": TimeCycle,  # Wang, Jabri, Efros 2019, cycle-consistency of time
         "vivi": VIVI,  # Tschannen et al. 2020, video-induced visual invariances (shots)
+        "instance": InstanceDiscrimination,  # SimCLR / MoCo v2 / Wu et al. memory bank over two frames of a clip
     }
 
 
