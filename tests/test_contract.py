@@ -182,3 +182,96 @@ def test_two_streams_mix_at_their_ratio_under_two_process_ddp(tmp_path, davis):
         else:
             assert "toy/images_items" not in r
     assert 0 < drawn < 12
+
+
+def _declared_and_model(name, overrides):
+    """(declared clip length, objective built from its Params through the registry, frame size)."""
+    from vidssl.engine.objectives import objective_class
+    from vidssl.models.objective import BuildContext
+
+    from tiny_encoder import TinyEncoder
+
+    cls = objective_class(name)
+    params = cls.Params(**overrides)
+    size = 32
+    if name == "timecycle":
+        from vidssl.models.encoders import build_encoder
+
+        enc, size = build_encoder("resnet18", out_layer="layer2", padding_mode="zeros"), params.frame_size
+    else:
+        enc = TinyEncoder()
+    model = cls.from_params(enc, params, BuildContext(total_steps=10))
+    return cls.data_needs(params).clip_len, model.train(), size
+
+
+@pytest.mark.parametrize("name, overrides, reads", [
+    ("corrflow", {"centroids": [[float(a), float(b)] for a in (-20, 0, 20, 40) for b in (-20, 0, 20, 40)]},
+     lambda T: {0, 1, 2}),
+    ("mast", {"pair_gaps": [2, 5, 8], "pair_probs": [0.0, 0.0, 1.0]}, lambda T: {0, 8}),
+    ("mast", {"stage": "multiframe", "long_term": [0, 1], "short_term": [-3, -2], "roi_radius": 2},
+     lambda T: {0, 1, T - 3, T - 2, T - 1}),  # short-term memory and target count from the clip's end
+    ("timecycle", {"num_past": 2, "target_index": 2, "frame_size": 168, "patch_size": 56}, lambda T: {0, 1, 2, 3}),
+])
+def test_declared_clip_length_is_what_forward_reads(name, overrides, reads):
+    """The declared length is tight (its last frame is read) and forward reads exactly the frames it documents, for
+    the declared length and a longer clip: NaN in every other frame gives the very same loss, a new value in a read
+    frame changes it; one frame fewer is refused."""
+    torch.manual_seed(0)
+    n, model, size = _declared_and_model(name, overrides)
+    assert max(reads(n)) == n - 1
+
+    def loss_of(video):
+        return float(model({"video": video}, generator=torch.Generator().manual_seed(0))[0].detach())
+
+    for T in (n, n + 2):
+        base = torch.rand(1, T, 3, size, size, generator=torch.Generator().manual_seed(T))
+        ref = loss_of(base)
+        unread = base.clone()
+        unread[:, [i for i in range(T) if i not in reads(T)]] = float("nan")
+        assert loss_of(unread) == ref, f"{name} read a frame outside {sorted(reads(T))} (T={T})"
+        for i in sorted(reads(T)) if T == n else [max(reads(T))]:
+            changed = base.clone()
+            changed[:, i] = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(100 + i))
+            assert loss_of(changed) != ref, f"{name} did not read frame {i} (T={T})"
+    with pytest.raises(ValueError):
+        model({"video": torch.rand(1, n - 1, 3, size, size)}, generator=torch.Generator().manual_seed(0))
+
+
+def test_crw_declares_its_shortest_palindrome():
+    from vidssl.models.crw import CRW, CRWParams
+    from vidssl.models.encoders import build_encoder
+    from vidssl.models.objective import BuildContext
+
+    for k in (1, 2, 3):
+        p = CRWParams(min_length=k, patch_size=16, patch_stride=8, patch_jitter=None)
+        n = CRW.data_needs(p).clip_len
+        assert n == k + 1
+        model = CRW.from_params(build_encoder("resnet18", out_layer="layer1"), p, BuildContext())
+        loss, _ = model({"video": torch.rand(1, n, 3, 32, 32)})
+        assert math.isfinite(float(loss.detach()))
+        with pytest.raises(ValueError):
+            model({"video": torch.rand(1, n - 1, 3, 32, 32)})
+
+
+def test_two_streams_resume_to_the_same_batches_and_parameters(tmp_path, davis, monkeypatch):
+    monkeypatch.syspath_prepend(str(PLUGINS))
+    images = _image_folder(tmp_path / "images")
+    extra = ["objectives=[{name: toy, clip_len: 2, streams: [main, images]}]",
+             f"streams={{images: {{batch_size: 2, weight: 0.5, data: {{source: images, root: {images}, "
+             "crop_size: 32}}}"]
+    base = ["data.source=frames", f"data.root={davis}", "data.split=train", "data.clip_len=2", "data.crop_size=32",
+            "model.out_layer=layer1", "model.eval_layer=layer1", "train.batch_size=2", "train.log_every=1",
+            "train.device=cpu", "train.threads=1", "train.seed=5"]  # seed 5: images drawn at steps 2-4 and 6
+    cfg = lambda steps: resolve_run_config(None, base + extra + [f"train.steps={steps}"], plugins=["toy_plugin"])
+    a = train(cfg(6), tmp_path / "a", progress=False, echo=False)
+    train(cfg(3), tmp_path / "b", progress=False, echo=False)
+    b = train(cfg(6), tmp_path / "b", progress=False, echo=False)
+    la = [json.loads(x) for x in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
+    lb = [json.loads(x) for x in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
+    key = lambda r: (r["step"], r["loss"], r.get("toy/images_items"), r.get("toy/images_label_sum"))
+    assert [key(r) for r in la] == [key(r) for r in lb]
+    assert [r["step"] for r in la if "toy/images_items" in r] == [2, 3, 4, 6]
+    ma, _, _ = model_from_checkpoint(a["checkpoint"])
+    mb, _, _ = model_from_checkpoint(b["checkpoint"])
+    for k, v in _params(ma).items():
+        torch.testing.assert_close(_params(mb)[k], v, rtol=0, atol=0, msg=k)
