@@ -121,17 +121,17 @@ def augment_views(x: torch.Tensor, *, generator: torch.Generator | None, flip_pr
     b = x.shape[0]
     u = _rand(generator, b, 9).to(device=x.device, dtype=x.dtype)  # b 9 uniform draws per image
     x = torch.where((u[:, 0] < flip_prob)[:, None, None, None], x.flip(-1), x)  # b 3 h w
-    jittered = x
     lo, hi = 1 - jitter, 1 + jitter
-    jittered = (jittered * (lo + (hi - lo) * u[:, 1])[:, None, None, None]).clamp(0, 1)  # brightness
+    jittered = (x * (lo + (hi - lo) * u[:, 1])[:, None, None, None]).clamp(0, 1)  # b 3 h w: brightness
     mean_grey = _grey(jittered).mean(dim=(1, 2, 3))  # b
-    jittered = _blend(jittered, mean_grey[:, None, None, None].expand_as(jittered), lo + (hi - lo) * u[:, 2])
-    jittered = _blend(jittered, _grey(jittered), lo + (hi - lo) * u[:, 3])  # saturation
-    jittered = _hue_rotate(jittered, hue * (2 * u[:, 4] - 1))
+    jittered = _blend(jittered, mean_grey[:, None, None, None].expand_as(jittered),
+                      lo + (hi - lo) * u[:, 2])  # b 3 h w: contrast
+    jittered = _blend(jittered, _grey(jittered), lo + (hi - lo) * u[:, 3])  # b 3 h w: saturation
+    jittered = _hue_rotate(jittered, hue * (2 * u[:, 4] - 1))  # b 3 h w: hue
     x = torch.where((u[:, 5] < jitter_prob)[:, None, None, None], jittered, x)  # b 3 h w
-    x = torch.where((u[:, 6] < grayscale_prob)[:, None, None, None], _grey(x), x)
+    x = torch.where((u[:, 6] < grayscale_prob)[:, None, None, None], _grey(x), x)  # b 3 h w
     sigma = (blur_sigma[0] + (blur_sigma[1] - blur_sigma[0]) * u[:, 7]) * x.shape[-1] / 224.0  # b pixels
-    return torch.where((u[:, 8] < blur_prob)[:, None, None, None], _gaussian_blur(x, sigma), x)
+    return torch.where((u[:, 8] < blur_prob)[:, None, None, None], _gaussian_blur(x, sigma), x)  # b 3 h w
 
 
 # ------------------------------------------------------------------------------------------------- model
@@ -316,7 +316,7 @@ class InstanceDiscrimination(Objective):
                              f">= {need} frames, got {video.shape[1]}; raise data.clip_len")
         picked = video[:, list(self.frames)]  # b 2 3 h w
         if not self.view_augment:
-            return picked[:, 0], picked[:, 1]
+            return picked[:, 0], picked[:, 1]  # b 3 h w each
         rgb = input_rgb(picked, mean=self.input_mean, std=self.input_std)  # b 2 3 h w in [0, 1]
         m = torch.tensor(self.input_mean, dtype=video.dtype, device=video.device)[:, None, None]  # 3 1 1
         s = torch.tensor(self.input_std, dtype=video.dtype, device=video.device)[:, None, None]  # 3 1 1
@@ -331,7 +331,7 @@ class InstanceDiscrimination(Objective):
         if x.shape[0] % splits:
             raise ConfigError(f"objectives[instance].bn_splits: {splits} does not divide the per-process batch "
                               f"{x.shape[0]} (train.batch_size / processes)")
-        return torch.cat([head(enc(chunk)) for chunk in x.chunk(splits)], dim=0)  # m dim
+        return torch.cat([head(enc(chunk)) for chunk in x.chunk(splits)], dim=0)  # m dim, sub-batches in order
 
     # ---------------------------------------------------------------------------------------- forward
 
@@ -390,7 +390,8 @@ class InstanceDiscrimination(Objective):
         both = torch.cat([index, index])  # (2 b)
         bank = self.memory.bank if self.num_negatives else self.memory.bank.clone()  # n dim, read before the update
         scores, target = memory_bank_scores(z, bank, both, temperature=self.temperature,
-                                            num_negatives=self.num_negatives or None, generator=generator)
+                                            num_negatives=self.num_negatives or None,
+                                            generator=generator)  # (2 b) n (whole bank) or (2 b) 1+m (sampled)
         if self.bank_loss == "softmax":
             loss, n = info_nce(scores, target)  # (2 b) candidates: bank or 1 + m
             logs = contrastive_logs(loss, n, scores, target)
@@ -401,7 +402,7 @@ class InstanceDiscrimination(Objective):
                 if self.training:
                     self.log_normaliser.fill_(log_z)
             log_pn = -math.log(size)
-            loss = nce_loss(scores[:, 0], scores[:, 1:], log_pn, log_pn, log_normaliser=log_z)
+            loss = nce_loss(scores[:, 0], scores[:, 1:], log_pn, log_pn, log_normaliser=log_z)  # ()
             ce, n = info_nce(scores, 0)  # the softmax over the same candidates, a monitor only
             logs = {**contrastive_logs(ce, n, scores, 0), "loss": float(loss.detach()),
                     "log_normaliser": log_z}
