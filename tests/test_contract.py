@@ -275,3 +275,19 @@ def test_two_streams_resume_to_the_same_batches_and_parameters(tmp_path, davis, 
     mb, _, _ = model_from_checkpoint(b["checkpoint"])
     for k, v in _params(ma).items():
         torch.testing.assert_close(_params(mb)[k], v, rtol=0, atol=0, msg=k)
+
+
+def test_format_1_trainer_state_still_resumes(tmp_path):
+    """Checkpoints written before several optimisers existed stored one ``optimizer`` (and ``scaler``)."""
+    from test_trainer import TensorLoader, tiny_cfg
+
+    straight = train(tiny_cfg("train.steps=4"), tmp_path / "a", loader=TensorLoader(), progress=False, echo=False)
+    half = train(tiny_cfg("train.steps=2"), tmp_path / "b", loader=TensorLoader(), progress=False, echo=False)
+    state = read_trainer_state(half["checkpoint"])
+    old = {"optimizer": state["optimizers"]["main"], "scaler": {}, "step": state["step"], "rng": state["rng"]}
+    torch.save(old, Path(half["checkpoint"]) / "trainer.pt")
+    resumed = train(tiny_cfg("train.steps=4"), tmp_path / "b", loader=TensorLoader(), progress=False, echo=False)
+    a, _, _ = model_from_checkpoint(straight["checkpoint"])
+    b, _, _ = model_from_checkpoint(resumed["checkpoint"])
+    for k, v in _params(a).items():
+        torch.testing.assert_close(_params(b)[k], v, rtol=0, atol=0, msg=k)
