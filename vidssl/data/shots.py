@@ -147,9 +147,16 @@ def content_cuts(batches: Iterable[torch.Tensor], params: ContentParams) -> list
     return find_cuts(torch.cat(hists), torch.cat(lumas), params).cuts
 
 
-def pyscenedetect_cuts(batches: Iterable[torch.Tensor], params: PySceneDetectParams, fps: float | None) -> list[int]:
-    """Cuts found by PySceneDetect's ``ContentDetector`` fed ``batches`` of RGB frames (as its SceneManager would:
-    BGR, downscaled with ``cv2.resize`` linear to a width of at least 256 unless ``params.downscale`` is set)."""
+def rgb_to_bgr_frames(batches: Iterable[torch.Tensor]) -> Iterator[np.ndarray]:
+    """``uint8 (B, 3, H, W)`` RGB batches -> contiguous ``(H, W, 3)`` BGR arrays (what OpenCV decoders return)."""
+    for frames in batches:
+        bgr = rearrange(frames.cpu(), "b c h w -> b h w c").numpy()[..., ::-1]  # (B, H, W, 3) BGR view
+        yield from (np.ascontiguousarray(f) for f in bgr)
+
+
+def scenedetect_bgr_cuts(frames: Iterable[np.ndarray], params: PySceneDetectParams, fps: float | None) -> list[int]:
+    """Cuts found by PySceneDetect's ``ContentDetector`` on BGR frames, fed as its SceneManager feeds them
+    (downscaled with ``cv2.resize`` linear to a width of at least 256 unless ``params.downscale`` is set)."""
     try:
         import cv2
         from scenedetect import ContentDetector, FrameTimecode
@@ -160,20 +167,22 @@ def pyscenedetect_cuts(batches: Iterable[torch.Tensor], params: PySceneDetectPar
     det = ContentDetector(threshold=float(params.threshold), min_scene_len=int(params.min_scene_len))
     found = []
     i = 0
-    for frames in batches:
-        bgr = rearrange(frames.cpu(), "b c h w -> b h w c").numpy()[..., ::-1]  # (B, H, W, 3) BGR view
-        h, w = bgr.shape[1:3]
+    for img in frames:                                                        # (H, W, 3) BGR
+        h, w = img.shape[:2]
         factor = params.downscale or (w / 256.0 if w >= 256 else 1.0)
-        size = (max(1, round(w / factor)), max(1, round(h / factor)))
-        for frame in bgr:
-            img = np.ascontiguousarray(frame)                                 # (H, W, 3)
-            if factor > 1:
-                img = cv2.resize(img, size, interpolation=cv2.INTER_LINEAR)   # (h', w', 3)
-            found += det.process_frame(FrameTimecode(i, rate), img)
-            i += 1
+        if factor > 1:
+            img = cv2.resize(img, (max(1, round(w / factor)), max(1, round(h / factor))),
+                             interpolation=cv2.INTER_LINEAR)                  # (h', w', 3)
+        found += det.process_frame(FrameTimecode(i, rate), img)
+        i += 1
     if i:
         found += det.post_process(FrameTimecode(i - 1, rate))
     return sorted({int(c.frame_num) for c in found} - {0})
+
+
+def pyscenedetect_cuts(batches: Iterable[torch.Tensor], params: PySceneDetectParams, fps: float | None) -> list[int]:
+    """:func:`scenedetect_bgr_cuts` on RGB frame batches."""
+    return scenedetect_bgr_cuts(rgb_to_bgr_frames(batches), params, fps)
 
 
 def detect_cuts(batches: Iterable[torch.Tensor], detector: str = "content", params=None,
