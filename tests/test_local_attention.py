@@ -11,6 +11,7 @@ from vidssl.models.local_attention import (dense_local_attention, expected_offse
                                            local_attention, local_correlation, shifted_local_aggregate,
                                            shifted_local_correlation, shifted_window_valid, window_offsets,
                                            window_valid)
+from vidssl.models.window_tiles import TiledWindows
 
 
 def naive_correlation(q, k, radius, dilation):
@@ -79,6 +80,38 @@ def test_window_valid_and_offsets():
     assert valid[12].all()  # centre always inside
     assert valid[0].sum() == 0  # (-6, -6) lands outside a 5x6 image from everywhere
     assert valid[13, :, :3].all() and not valid[13, :, 3:].any()  # (0, +3): inside only for columns 0..2
+
+
+@pytest.mark.parametrize("tile", [1, 3, 5, 16])
+def test_tiled_windows_arbitrary_offsets_several_keys_and_buffers(tile):
+    """The shared kernel (local_correlation and the sparse label propagation): any offset set, N key maps per query,
+    chunks of tile rows into reused buffers == one unbuffered call == an explicit loop."""
+    g = torch.Generator().manual_seed(tile)
+    b, n, c, h, w = 2, 3, 4, 7, 10
+    q = torch.randn(b, c, h, w, generator=g, dtype=torch.float64)
+    keys = torch.randn(b, n, c, h, w, generator=g, dtype=torch.float64)
+    offsets = torch.tensor([[0, 0], [-2, 1], [3, -4], [1, 1], [-1, 0]])  # asymmetric: ry = 3, rx = 4
+    ref = torch.zeros(b, n, len(offsets), h, w, dtype=torch.float64)
+    for o, (dy, dx) in enumerate(offsets.tolist()):
+        for y in range(h):
+            for x in range(w):
+                if 0 <= y + dy < h and 0 <= x + dx < w:
+                    ref[:, :, o, y, x] = (q[:, None, :, y, x] * keys[:, :, :, y + dy, x + dx]).sum(-1)
+    plain = TiledWindows(keys, offsets, tile=tile, query=q)
+    assert (plain.ry, plain.rx) == (3, 4)
+    full = plain.affinity(0, plain.tile_rows)  # (b tiles, tile^2, n, O)
+    torch.testing.assert_close(plain.untile(full.transpose(2, 3)).reshape(b, len(offsets), n, h, w).transpose(1, 2),
+                               ref, rtol=1e-12, atol=1e-12)
+    buffered = TiledWindows(keys, offsets, tile=tile, query=q, buffer_rows=2)
+    for row0 in range(0, plain.tile_rows, 2):
+        row1 = min(plain.tile_rows, row0 + 2)
+        got = buffered.affinity(row0, row1).view(b, row1 - row0, -1)  # batch-major tiles
+        want = full.view(b, plain.tile_rows, -1)[:, row0:row1]
+        assert torch.equal(got, want)
+        pos, valid = buffered.key_positions(row0, row1)
+        ys = torch.div(pos, w, rounding_mode="floor")
+        assert valid.sum() > 0 and bool((pos[~valid] == 0).all()) and bool((ys[valid] < h).all())
+        assert pos.shape == ((row1 - row0) * plain.tile_cols, tile * tile, len(offsets))
 
 
 @pytest.mark.parametrize("mode", ["mask", "zero"])

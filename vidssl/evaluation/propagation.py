@@ -40,6 +40,8 @@ import torch
 import torch.nn.functional as F
 from einops import einsum, rearrange
 
+from vidssl.models.window_tiles import TiledWindows
+
 RestrictShape = Literal["circle", "square"]
 
 __all__ = [
@@ -213,24 +215,19 @@ def label_propagation(query: torch.Tensor, keys: torch.Tensor, key_labels: torch
 
     if radius is not None and restr:
         offsets = window_offsets(radius=radius, shape=restrict_shape, max_dy=h - 1, max_dx=w - 1).to(device)
-        ry, rx = int(offsets[:, 0].abs().max()), int(offsets[:, 1].abs().max())
     else:
         offsets = torch.zeros(0, 2, dtype=torch.long, device=device)
-        ry = rx = 0
     n_off = offsets.shape[0]
-
-    # Query grid padded to whole tiles; key maps padded by the window half-size on every side.
     th = tw = tile
-    hq, wq = -(-h // th) * th, -(-w // tw) * tw
-    nty, ntx = hq // th, wq // tw
-    # Temperature folded into the query (same rounding as the dense reference).
-    qpad = F.pad((query.float() / temperature).to(dt), (0, wq - w, 0, hq - h))  # (C, hq, wq)
-    win_h, win_w = th + 2 * ry, tw + 2 * rx
-    # Index of each (query-in-tile, offset) into the flattened key tile of size win_h*win_w.
-    li, lj = torch.meshgrid(torch.arange(th, device=device), torch.arange(tw, device=device), indexing="ij")
-    li, lj = li.flatten(), lj.flatten()  # (t2,)
-    tile_idx = (li[:, None] + ry + offsets[None, :, 0]) * win_w + (lj[:, None] + rx + offsets[None, :, 1])
+    wq = -(-w // tw) * tw
     rows_per_chunk = max(1, chunk_size // (th * wq))
+    # Query tiles, and the restricted key frames' window affinities computed tile by tile (vidssl.models.window_tiles);
+    # temperature folded into the query (same rounding as the dense reference). Work buffers are allocated once per
+    # call and reused by every chunk, hence out= below.
+    windows = TiledWindows(keys[restr].to(dt)[None], offsets, tile=tile,
+                           query=(query.float() / temperature).to(dt)[None],
+                           buffer_rows=rows_per_chunk if restr else None)
+    nty, ntx = windows.tile_rows, windows.tile_cols
 
     n_free, n_restr = len(free), len(restr)
     free_cols, restr_cols = n_free * hw, n_restr * n_off
@@ -239,26 +236,14 @@ def label_propagation(query: torch.Tensor, keys: torch.Tensor, key_labels: torch
     restr_t = torch.tensor(restr, dtype=torch.long, device=device)
     keys_free = rearrange(keys[free].to(dt), "n c h w -> c (n h w)") if free else None  # (C, nf*hw)
     t2 = th * tw
-    m_max = rows_per_chunk * ntx  # tiles per chunk
-    # Work buffers are allocated once per call and reused by every chunk (large fresh allocations per chunk cost
-    # as much system time in page faults as the matmuls take), hence torch.matmul/gather with out= below.
     if free:
-        fbuf = torch.empty(m_max * t2, free_cols, dtype=dt, device=device)
-    if restr:
-        # Restricted keys padded by the window half-size, channels-last so that key tiles copy contiguous C-vectors.
-        kpad = torch.zeros(n_restr, hq + 2 * ry, wq + 2 * rx, c, dtype=dt, device=device)
-        for i, s_idx in enumerate(restr):
-            kpad[i, ry:ry + h, rx:rx + w].copy_(rearrange(keys[s_idx], "c h w -> h w c"))
-        kbuf = torch.empty(m_max, n_restr, win_h, win_w, c, dtype=dt, device=device)
-        abuf = torch.empty(m_max, t2, n_restr * win_h * win_w, dtype=dt, device=device)
-        pbuf = torch.empty(m_max, t2, n_restr, n_off, dtype=dt, device=device)
+        fbuf = torch.empty(rows_per_chunk * ntx * t2, free_cols, dtype=dt, device=device)
 
     out = torch.empty(nty, ntx, t2, k_num, dtype=torch.float32, device=device)
     for ty0 in range(0, nty, rows_per_chunk):
         ty1 = min(nty, ty0 + rows_per_chunk)
         nr = ty1 - ty0
-        m = nr * ntx
-        q_tiles = rearrange(qpad[:, ty0 * th:ty1 * th], "c (a i) (b j) -> (a b) (i j) c", i=th, j=tw)  # (m, t2, C)
+        q_tiles = windows.query_tiles(ty0, ty1)  # (m, t2, C)
         q_flat = rearrange(q_tiles, "m q c -> (m q) c")  # (Q, C), tile-major query order
         n_q = q_flat.shape[0]
         t0 = time.perf_counter()
@@ -269,25 +254,11 @@ def label_propagation(query: torch.Tensor, keys: torch.Tensor, key_labels: torch
             flop += 2 * n_q * c * free_cols
         if restr:
             # Absolute key position of every (query, offset) pair of this chunk, and whether it is inside the image.
-            ty = torch.arange(ty0, ty1, device=device)[:, None, None, None]
-            tx = torch.arange(ntx, device=device)[None, :, None, None]
-            ky = ty * th + li[None, None, :, None] + offsets[None, None, None, :, 0]  # (a, b, t2, O)
-            kx = tx * tw + lj[None, None, :, None] + offsets[None, None, None, :, 1]
-            valid = (ky >= 0) & (ky < h) & (kx >= 0) & (kx < w)
-            win_pos = rearrange(torch.where(valid, ky * w + kx, torch.zeros_like(ky)), "a b q o -> (a b q) o")
-            band = kpad[:, ty0 * th:ty1 * th + 2 * ry]  # (Nr, nr*th + 2ry, wq + 2rx, C)
-            tiles_view = band.unfold(1, win_h, th).unfold(2, win_w, tw)  # (Nr, a, b, C, win_h, win_w) view
-            k_tiles = kbuf[:m]
-            k_tiles.view(nr, ntx, n_restr, win_h, win_w, c).copy_(
-                rearrange(tiles_view, "n a b c y x -> a b n y x c"))
-            k_mat = rearrange(k_tiles, "m n y x c -> m (n y x) c")  # (m, P, C) view, P = Nr*win_h*win_w
-            # One batched matmul per chunk for all restricted frames: m q c, m p c -> m q p.
-            aff = torch.matmul(q_tiles, k_mat.transpose(1, 2), out=abuf[:m])
-            flop += 2 * n_q * c * n_restr * win_h * win_w
-            gather_idx = tile_idx[None, :, None, :].expand(m, t2, n_restr, n_off)
-            picked = torch.gather(rearrange(aff, "m q (n p) -> m q n p", n=n_restr), 3, gather_idx,
-                                  out=pbuf[:m])  # (m, t2, Nr, O)
-            picked.masked_fill_(rearrange(~valid, "a b q o -> (a b) q 1 o"), float("-inf"))
+            win_pos, valid = windows.key_positions(ty0, ty1)  # (m, t2, O)
+            win_pos = rearrange(win_pos, "m q o -> (m q) o")
+            picked = windows.affinity(ty0, ty1, q_tiles)  # (m, t2, Nr, O); one batched matmul for all frames
+            flop += 2 * n_q * c * n_restr * windows.win_h * windows.win_w
+            picked.masked_fill_(rearrange(~valid, "m q o -> m q 1 o"), float("-inf"))
         t1 = time.perf_counter()
         # Global top-k = top-k of the union of the free part's and the restricted part's top-k.
         if free:

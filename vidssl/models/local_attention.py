@@ -36,6 +36,8 @@ import torch
 import torch.nn.functional as F
 from einops import einsum, rearrange
 
+from vidssl.models.window_tiles import TiledWindows
+
 OutOfImage = Literal["mask", "zero"]
 
 __all__ = [
@@ -85,49 +87,18 @@ def window_valid(height: int, width: int, *, radius: int, dilation: int = 1,
     return (ys >= 0) & (ys < height) & (xs >= 0) & (xs < width)
 
 
-def _tile_index(tile: int, radius: int, device: torch.device) -> torch.Tensor:
-    """Index of each (query-in-tile, window offset) into the flattened grown key tile: ``(tile^2, O)``."""
-    span = tile + 2 * radius
-    i, j = torch.meshgrid(torch.arange(tile, device=device), torch.arange(tile, device=device), indexing="ij")
-    off = window_offsets(radius, device=device)
-    rows = i.reshape(-1, 1) + radius + off[None, :, 0]
-    cols = j.reshape(-1, 1) + radius + off[None, :, 1]
-    return rows * span + cols
-
-
-def _key_tiles(key: torch.Tensor, radius: int, tile: int, hp: int, wp: int) -> torch.Tensor:
-    """``(B, C, h, w)`` -> grown key tiles ``(B, a, b, (tile + 2R)^2, C)`` (zero outside the image)."""
-    h, w = key.shape[-2:]
-    span = tile + 2 * radius
-    kpad = F.pad(key, (radius, wp - w + radius, radius, hp - h + radius))
-    kt = kpad.unfold(2, span, tile).unfold(3, span, tile)  # b c a b' span span (a view)
-    return rearrange(kt, "b c a d y x -> b a d (y x) c")
-
-
 def _corr_undilated(query: torch.Tensor, key: torch.Tensor, radius: int, tile: int) -> torch.Tensor:
-    b, c, h, w = query.shape
-    hp, wp = -(-h // tile) * tile, -(-w // tile) * tile
-    qt = rearrange(F.pad(query, (0, wp - w, 0, hp - h)), "b c (a i) (d j) -> b a d (i j) c", i=tile, j=tile)
-    kt = _key_tiles(key, radius, tile, hp, wp)
-    aff = einsum(qt, kt, "b a d q c, b a d p c -> b a d q p")  # per-tile dense block
-    idx = _tile_index(tile, radius, query.device)
-    picked = torch.gather(aff, 4, idx.expand(*aff.shape[:3], *idx.shape))  # b a d q o
-    out = rearrange(picked, "b a d (i j) o -> b o (a i) (d j)", i=tile, j=tile)
-    return out[:, :, :h, :w]
+    windows = TiledWindows(key[:, None], window_offsets(radius, device=query.device), tile=tile, query=query)
+    return windows.untile(windows.affinity(0, windows.tile_rows))  # (b a d) q 1 o -> b o h w
 
 
 def _aggregate_undilated(weights: torch.Tensor, values: torch.Tensor, radius: int, tile: int) -> torch.Tensor:
-    b, o, h, w = weights.shape
-    hp, wp = -(-h // tile) * tile, -(-w // tile) * tile
-    span = tile + 2 * radius
-    wt = rearrange(F.pad(weights, (0, wp - w, 0, hp - h)), "b o (a i) (d j) -> b a d (i j) o", i=tile, j=tile)
-    idx = _tile_index(tile, radius, weights.device)
-    dense = wt.new_zeros(*wt.shape[:4], span * span)
-    dense = dense.scatter(4, idx.expand(*wt.shape[:3], *idx.shape), wt)  # b a d q p (window entries placed)
-    vt = _key_tiles(values, radius, tile, hp, wp)  # b a d p k
-    out = einsum(dense, vt, "b a d q p, b a d p k -> b a d q k")
-    out = rearrange(out, "b a d (i j) k -> b k (a i) (d j)", i=tile, j=tile)
-    return out[:, :, :h, :w]
+    windows = TiledWindows(values[:, None], window_offsets(radius, device=values.device), tile=tile)
+    wt = windows.query_tiles(0, windows.tile_rows, windows.pad(weights))  # m q o
+    # window entries placed in the grown tile, then one matmul with the grown value tiles: m q p, m p k -> m q k
+    dense = wt.new_zeros(*wt.shape[:2], windows.win_h * windows.win_w).scatter(
+        2, windows.index.expand(wt.shape[0], *windows.index.shape), wt)
+    return windows.untile(torch.matmul(dense, windows.key_tiles(0, windows.tile_rows)))
 
 
 def _check_pair(query: torch.Tensor, key: torch.Tensor, qname: str, kname: str) -> None:
