@@ -8,9 +8,11 @@ import pytest
 import torch
 import torchvision
 
+from vidssl.data.davis import DavisLayoutError
 from vidssl.evaluation.features import (
     EncoderFeatures,
     FeatureExtractor,
+    FrameFeatures,
     LabFeatures,
     build_encoder_features,
     infer_resnet_arch,
@@ -111,3 +113,35 @@ def test_weights_file_and_arch_inference(tmp_path):
     with pytest.raises(FileNotFoundError, match="missing.pth"):
         build_encoder_features("resnet18", weights=tmp_path / "missing.pth")
 
+
+
+def test_frame_features_encode_in_batches_once_each(tmp_path):
+    from PIL import Image
+
+    frames = torch.randint(0, 256, (7, 3, 16, 24), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    ext = LabFeatures(stride=4)
+    calls = []
+
+    def counting(x):
+        calls.append(x.shape[0])
+        return ext(x)
+
+    counting.name, counting.feature_size = "lab", ext.feature_size
+    provider = FrameFeatures(counting, frames, size=(16, 24), batch=3, l2=True)
+    assert len(provider) == 7 and provider.feat_size == (4, 6)
+    got = torch.stack([provider(t) for t in range(7)])
+    assert calls == [3, 3, 1] and provider.computed == 7
+    torch.testing.assert_close(got, torch.nn.functional.normalize(ext(frames), dim=1))
+    # frame files are read from disk; a frame of another size is named
+    paths = []
+    for i in range(3):
+        paths.append(tmp_path / f"{i:05d}.png")
+        Image.fromarray(frames[i].permute(1, 2, 0).numpy()).save(paths[-1])
+    from_files = FrameFeatures(ext, paths, size=(16, 24), batch=2)
+    torch.testing.assert_close(torch.stack([from_files(t) for t in range(3)]), ext(frames[:3]))
+    Image.fromarray(frames[0, :, :8].permute(1, 2, 0).numpy()).save(paths[2])
+    bad = FrameFeatures(ext, paths, size=(16, 24), batch=1)
+    bad(0)
+    with pytest.raises(DavisLayoutError, match=r"00002.png: frame is 24x8 \(WxH\) but the sequence's first annotation "
+                                               r"is 24x16"):
+        bad(2)

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from vidssl.evaluation.mast_propagation import (WindowFeatures, corrflow_preset, crop_to_multiple,
-                                                labels_at_features, mast_memory_indices, mast_preset, pad_to_size,
-                                                propagate_sequence_window, propagate_video_corrflow,
-                                                propagate_video_mast, roi_dilation)
+from vidssl.evaluation.features import WindowFeatures, crop_to_multiple
+from vidssl.evaluation.mast_propagation import (corrflow_preset, labels_at_features, mast_memory_indices,
+                                                mast_preset, pad_to_size, propagate_sequence_window,
+                                                propagate_video_corrflow, propagate_video_mast, roi_dilation)
 from vidssl.models.lab import normalise_lab, rgb_to_lab
 from vidssl.models.mast_encoder import MASTEncoder
 

@@ -11,6 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from vidssl.evaluation.propagation import (
+    FeatureCache,
     context_indices,
     dense_label_propagation,
     label_propagation,
@@ -225,3 +226,30 @@ def test_propagate_video_feedback_modes_and_frame0():
         propagate_video(lambda t: feats[t], first, **kw)
     with pytest.raises(ValueError, match="feedback"):
         propagate_video(feats, first, feedback="argmax", **kw)
+
+
+def test_feature_cache_fetches_once_keeps_what_is_retained_and_checks_sizes():
+    feats = torch.randn(6, 4, 3, 5)
+    calls = []
+
+    def provider(t):
+        calls.append(t)
+        return feats[t]
+
+    cache = FeatureCache(provider, num_frames=6, size=(3, 5))
+    assert cache.total == 6
+    for t in (0, 1, 0, 2, 1):
+        assert torch.equal(cache(t), feats[t])
+    assert calls == [0, 1, 2]
+    cache.retain({0, 2})
+    assert sorted(cache.cache) == [0, 2]
+    cache(1)
+    assert calls == [0, 1, 2, 1]  # dropped frames are fetched again
+    with pytest.raises(ValueError, match=r"features of frame 3: expected \(C, 3, 4\)"):
+        FeatureCache(feats, size=(3, 4))(3)
+    with pytest.raises(ValueError, match="num_frames: 7 exceeds the 6 frames"):
+        FeatureCache(feats, num_frames=7)
+    with pytest.raises(ValueError, match="num_frames: required"):
+        FeatureCache(provider)
+    with pytest.raises(ValueError, match=r"feats: expected \(T, C, h, w\)"):
+        FeatureCache(feats[0])

@@ -11,8 +11,13 @@ Built-ins:
   stride 8); :func:`build_encoder_features` makes a seeded random-init or torchvision-weights ResNet-18/34/50.
 * :class:`LabFeatures` -- raw-pixel CIE Lab (:func:`vidssl.models.lab.rgb_to_lab`, the conversion MAST trains with)
   averaged over ``stride x stride`` cells (a learning-free baseline).
+* :class:`WindowFeatures` -- the stride-4 CorrFlow/MAST encoder (or normalised Lab pixels) with the window
+  protocols' cropping and colour space (:mod:`vidssl.evaluation.mast_propagation`).
 
-Output size of both: ``(ceil(H'/s), ceil(W'/s))`` for a resized frame ``(H', W')`` and stride ``s``.
+Output size of the first two: ``(ceil(H'/s), ceil(W'/s))`` for a resized frame ``(H', W')`` and stride ``s``.
+
+:class:`FrameFeatures` reads a sequence's frames and encodes them in batches, once each: the frame provider of both
+propagation families.
 """
 
 from __future__ import annotations
@@ -20,20 +25,30 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Literal, Protocol, Sequence, runtime_checkable
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
-from vidssl.evaluation.presets import IMAGENET_MEAN, IMAGENET_STD, PropagationConfig
+
+from vidssl.data.davis import DavisLayoutError
+from vidssl.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from vidssl.io.images import read_image
 from vidssl.models.encoders import ENCODERS, ResNetEncoder, build_encoder
 from vidssl.models.lab import normalise_lab, rgb_to_lab
+
+if TYPE_CHECKING:
+    from vidssl.evaluation.presets import PropagationConfig
 
 ResizePolicy = Literal["native", "short_floor"]
 
 __all__ = [
     "EncoderFeatures",
     "FeatureExtractor",
+    "FrameFeatures",
     "LabFeatures",
+    "WindowFeatures",
+    "crop_to_multiple",
     "build_encoder_features",
     "infer_resnet_arch",
     "load_weights_file",
@@ -227,6 +242,151 @@ class LabFeatures(_Preprocessing):
         return {"kind": "lab", "name": self.name, "stride": self.stride, "channels": 3, "resize": self.resize}
 
 
+def crop_to_multiple(height: int, width: int, multiple: int) -> tuple[int, int]:
+    """``(H - H % m, W - W % m)``: CorrFlow's right/bottom crop."""
+    return height - height % multiple, width - width % multiple
+
+
+class WindowFeatures:
+    """Stride-4 feature extractor of the MAST / CorrFlow protocols (the ``FeatureExtractor`` interface).
+
+    Args:
+        encoder: a :class:`~vidssl.models.mast_encoder.MASTEncoder` (eval mode is set), or ``None`` for raw
+            normalised Lab pixels averaged over 4x4 cells (baseline).
+        colour: ``"lab"`` (MAST: ``((L - 50) / 50, a / 127, b / 127)``) or ``"rgb"`` (CorrFlow: RGB/255).
+        crop_multiple: crop frames right/bottom to a multiple of it before encoding (CorrFlow 8).
+        short_side: 0 = native size (official); else the (cropped) frames are resized bilinearly (exact integer size)
+            so that their short side has this length -- a CPU-budget deviation, recorded in ``info()``.
+        device: where the encoder runs.
+
+    ``__call__``: ``uint8 (N, 3, H, W)`` -> ``float32 (N, C, ceil(H'/4), ceil(W'/4))`` for the input size
+    ``(H', W') = input_size(H, W)``.
+    """
+
+    def __init__(self, encoder: nn.Module | None, *, colour: Literal["lab", "rgb"] = "lab", crop_multiple: int = 1,
+                 short_side: int = 0, device: str | torch.device = "cpu", name: str | None = None) -> None:
+        if colour not in ("lab", "rgb"):
+            raise ValueError(f"colour: {colour!r}; expected 'lab' or 'rgb'")
+        if crop_multiple < 1:
+            raise ValueError(f"crop_multiple: must be >= 1, got {crop_multiple}")
+        if short_side < 0:
+            raise ValueError(f"short_side: must be >= 0 (0 = native), got {short_side}")
+        self.short_side = int(short_side)
+        self.device = torch.device(device)
+        self.encoder = encoder.to(self.device).eval() if encoder is not None else None
+        if self.encoder is not None and getattr(self.encoder, "stride", 4) != 4:
+            raise ValueError(f"encoder: MAST/CorrFlow protocols need an output stride of 4, got {self.encoder.stride}")
+        self.stride = 4
+        self.colour, self.crop_multiple = colour, int(crop_multiple)
+        self.channels = getattr(encoder, "out_channels", 3) if encoder is not None else 3
+        self.name = name or (f"{getattr(encoder, 'arch', type(encoder).__name__)}[{colour}]" if encoder is not None
+                             else "lab_pixels.stride4")
+
+    def cropped_size(self, height: int, width: int) -> tuple[int, int]:
+        """Frame size after the right/bottom crop (before any resize)."""
+        return crop_to_multiple(height, width, self.crop_multiple)
+
+    def input_size(self, height: int, width: int) -> tuple[int, int]:
+        """Encoder input size for ``height x width`` frames (crop, then optional short-side resize)."""
+        h, w = self.cropped_size(height, width)
+        if not self.short_side or min(h, w) == self.short_side:
+            return h, w
+        if h <= w:
+            return self.short_side, int(round(w * self.short_side / h))
+        return int(round(h * self.short_side / w)), self.short_side
+
+    def feature_size(self, height: int, width: int) -> tuple[int, int]:
+        h, w = self.input_size(height, width)
+        return math.ceil(math.ceil(h / 2) / 2), math.ceil(math.ceil(w / 2) / 2)
+
+    def preprocess(self, frames: torch.Tensor) -> torch.Tensor:
+        """``uint8 (N, 3, H, W)`` -> cropped encoder input ``float32 (N, 3, H', W')``."""
+        if frames.ndim != 4 or frames.shape[1] != 3:
+            raise ValueError(f"frames: expected uint8 (N, 3, H, W), got shape {tuple(frames.shape)}")
+        hc, wc = self.cropped_size(int(frames.shape[-2]), int(frames.shape[-1]))
+        h, w = self.input_size(int(frames.shape[-2]), int(frames.shape[-1]))
+        x = frames[..., :hc, :wc].to(self.device).float() / 255.0
+        if (h, w) != (hc, wc):
+            x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False, antialias=True).clamp(0, 1)
+        return normalise_lab(rgb_to_lab(x)) if self.colour == "lab" else x
+
+    def __call__(self, frames: torch.Tensor) -> torch.Tensor:
+        x = self.preprocess(frames)
+        size = self.feature_size(int(frames.shape[-2]), int(frames.shape[-1]))
+        if self.encoder is None:
+            lab = x if self.colour == "lab" else normalise_lab(rgb_to_lab(x))
+            return F.adaptive_avg_pool2d(lab, size)
+        with torch.inference_mode():
+            feats = self.encoder(x)
+        if tuple(feats.shape[-2:]) != tuple(size):
+            raise RuntimeError(f"{self.name}: features {tuple(feats.shape[-2:])} differ from the declared {size}")
+        return feats.float().clone()
+
+    def info(self) -> dict[str, Any]:
+        return {"kind": "window" if self.encoder is not None else "lab_pixels", "name": self.name, "stride": 4,
+                "channels": self.channels, "colour": self.colour, "crop_multiple": self.crop_multiple,
+                "short_side": self.short_side}
+
+
+class FrameFeatures:
+    """The frame provider of both propagation families: ``provider(t) -> (C, h, w)`` features of frame ``t``.
+
+    Frames are read (files through :func:`~vidssl.io.images.read_image`, or rows of a ``uint8 (T, 3, H, W)`` tensor)
+    and encoded ``batch`` at a time starting at the requested frame; a frame is computed exactly once (``computed``
+    counts them) as long as frames are requested in increasing order, which both propagation loops do (their
+    :class:`~vidssl.evaluation.propagation.FeatureCache` keeps what they read again).
+
+    Args:
+        extractor: any :class:`FeatureExtractor` (:class:`EncoderFeatures`, :class:`LabFeatures`,
+            :class:`WindowFeatures`, ...).
+        frames: the sequence's frame files or ``uint8 (T, 3, H, W)``.
+        size: ``(H, W)`` every frame must have (the first annotation's); a frame of another size raises a
+            :class:`~vidssl.data.davis.DavisLayoutError` naming it.
+        batch: frames per extractor call.
+        l2: L2-normalise the features over channels.
+        device: move the features there as float32 (default: leave them where the extractor returns them).
+    """
+
+    def __init__(self, extractor: FeatureExtractor, frames: Sequence[str | os.PathLike] | torch.Tensor, *,
+                 size: tuple[int, int], batch: int = 4, l2: bool = False,
+                 device: str | torch.device | None = None) -> None:
+        if batch < 1:
+            raise ValueError(f"batch: must be >= 1, got {batch}")
+        self.extractor, self.frames, self.size = extractor, frames, (int(size[0]), int(size[1]))
+        self.feat_size = tuple(extractor.feature_size(*self.size))
+        self.batch, self.l2 = int(batch), bool(l2)
+        self.device = torch.device(device) if device is not None else None
+        self.buffer: dict[int, torch.Tensor] = {}
+        self.computed = 0
+
+    def __len__(self) -> int:
+        return len(self.frames)
+
+    def read(self, i: int) -> torch.Tensor:
+        """Frame ``i`` as ``uint8 (3, H, W)``, checked against ``size``."""
+        img = self.frames[i] if isinstance(self.frames, torch.Tensor) else read_image(self.frames[i])
+        if tuple(img.shape[-2:]) != self.size:
+            name = f"frame {i}" if isinstance(self.frames, torch.Tensor) else str(self.frames[i])
+            raise DavisLayoutError(f"{name}: frame is {img.shape[-1]}x{img.shape[-2]} (WxH) but the sequence's first "
+                                   f"annotation is {self.size[1]}x{self.size[0]}")
+        return img
+
+    def __call__(self, t: int) -> torch.Tensor:
+        if t not in self.buffer:
+            idx = list(range(t, min(len(self), t + self.batch)))
+            feats = self.extractor(torch.stack([self.read(i) for i in idx]))
+            if tuple(feats.shape[-2:]) != self.feat_size:
+                raise RuntimeError(f"{self.extractor.name}: features {tuple(feats.shape[-2:])} differ from the "
+                                   f"declared size {self.feat_size}")
+            if self.device is not None:
+                feats = feats.to(self.device, torch.float32)
+            if self.l2:
+                feats = F.normalize(feats, p=2, dim=1)
+            self.computed += len(idx)
+            self.buffer = {i: f for i, f in zip(idx, feats)}
+        return self.buffer.pop(t)
+
+
 def load_weights_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read a state_dict from ``.pth``/``.pt`` (``torch.load(weights_only=True)``) or ``.safetensors``.
 
@@ -266,7 +426,10 @@ def build_encoder_features(name: str, *, seed: int = 0, weights: str | os.PathLi
     if name not in ENCODERS:
         raise ValueError(f"encoder: unknown name {name!r}; expected one of {', '.join(ENCODERS)}, 'lab' or "
                          f"'identity'")
-    cfg = cfg or PropagationConfig()
+    if cfg is None:
+        from vidssl.evaluation.presets import PropagationConfig  # presets imports this module
+
+        cfg = PropagationConfig()
     padding = "zeros" if weights is not None else "reflect"
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(seed))

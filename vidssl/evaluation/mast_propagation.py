@@ -27,9 +27,10 @@ one-hot with ``num_classes`` 16; 13x13 window (R = 6), out-of-image entries excl
 cropped size, argmax, hard feedback; the output is edge-padded back to the frame size (3 px left and right for
 854- and 910-wide frames, as the official writer).
 
-Inputs: :class:`WindowFeatures` turns ``uint8`` frames into the encoder's input (``colour="lab"``: MAST's normalised
-Lab; ``"rgb"``: RGB/255 for CorrFlow) and features ``(N, C, h, w)``; with ``encoder=None`` it returns raw
-normalised Lab pixels averaged over 4x4 cells (the "Lab pixels" baseline). :func:`propagate_video_mast` /
+Inputs: :class:`~vidssl.evaluation.features.WindowFeatures` turns ``uint8`` frames into the encoder's input
+(``colour="lab"``: MAST's normalised Lab; ``"rgb"``: RGB/255 for CorrFlow) and features ``(N, C, h, w)``; with
+``encoder=None`` it returns raw normalised Lab pixels averaged over 4x4 cells (the "Lab pixels" baseline);
+:class:`~vidssl.evaluation.features.FrameFeatures` reads and encodes a sequence's frames in batches. :func:`propagate_video_mast` /
 :func:`propagate_video_corrflow` are pure tensor functions (features in, object ids out);
 :func:`propagate_sequence_window` runs a preset on one DAVIS sequence (frames on disk -> ids per frame, written
 through a callback), for the ``vidssl propagate`` runner.
@@ -37,26 +38,24 @@ through a callback), for the ``vidssl propagate`` runner.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal, Sequence
+from typing import Callable, Literal, Sequence
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
 from vidssl.config import ConfigError
-from vidssl.models.lab import normalise_lab, rgb_to_lab
+# WindowFeatures lives in features.py; imported here for the annotation below and for sources.py
+from vidssl.evaluation.features import FrameFeatures, WindowFeatures
+from vidssl.evaluation.propagation import FeatureCache
 from vidssl.models.local_attention import (expected_offset, local_attention, local_correlation, local_aggregate,
                                            window_valid)
 
 __all__ = [
-    "WindowFeatures",
     "WindowPropagationConfig",
     "corrflow_preset",
-    "crop_to_multiple",
     "labels_at_features",
     "mast_memory_indices",
     "mast_preset",
@@ -185,11 +184,6 @@ def labels_at_features(ids: torch.Tensor, *, num_classes: int, size: tuple[int, 
     return rearrange(F.one_hot(small, num_classes).float(), "h w k -> k h w")
 
 
-def crop_to_multiple(height: int, width: int, multiple: int) -> tuple[int, int]:
-    """``(H - H % m, W - W % m)``: CorrFlow's right/bottom crop."""
-    return height - height % multiple, width - width % multiple
-
-
 def pad_to_size(ids: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Edge-pad ``(h, w)`` ids to ``size``: ``(H - h) // 2`` rows on top (rest at the bottom), same for columns
     (CorrFlow's writer pads 3 px left and right for the 6 px cropped from 854/910-wide frames)."""
@@ -201,89 +195,6 @@ def pad_to_size(ids: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     x = ids[None, None].float()
     x = F.pad(x, (dw // 2, dw - dw // 2, dh // 2, dh - dh // 2), mode="replicate")
     return x[0, 0].to(ids.dtype)
-
-
-# ------------------------------------------------------------------------------------------ features
-
-class WindowFeatures:
-    """Stride-4 feature extractor of the MAST / CorrFlow protocols (the ``FeatureExtractor`` interface).
-
-    Args:
-        encoder: a :class:`~vidssl.models.mast_encoder.MASTEncoder` (eval mode is set), or ``None`` for raw
-            normalised Lab pixels averaged over 4x4 cells (baseline).
-        colour: ``"lab"`` (MAST: ``((L - 50) / 50, a / 127, b / 127)``) or ``"rgb"`` (CorrFlow: RGB/255).
-        crop_multiple: crop frames right/bottom to a multiple of it before encoding (CorrFlow 8).
-        short_side: 0 = native size (official); else the (cropped) frames are resized bilinearly (exact integer size)
-            so that their short side has this length -- a CPU-budget deviation, recorded in ``info()``.
-        device: where the encoder runs.
-
-    ``__call__``: ``uint8 (N, 3, H, W)`` -> ``float32 (N, C, ceil(H'/4), ceil(W'/4))`` for the input size
-    ``(H', W') = input_size(H, W)``.
-    """
-
-    def __init__(self, encoder: nn.Module | None, *, colour: Literal["lab", "rgb"] = "lab", crop_multiple: int = 1,
-                 short_side: int = 0, device: str | torch.device = "cpu", name: str | None = None) -> None:
-        if colour not in ("lab", "rgb"):
-            raise ValueError(f"colour: {colour!r}; expected 'lab' or 'rgb'")
-        if crop_multiple < 1:
-            raise ValueError(f"crop_multiple: must be >= 1, got {crop_multiple}")
-        if short_side < 0:
-            raise ValueError(f"short_side: must be >= 0 (0 = native), got {short_side}")
-        self.short_side = int(short_side)
-        self.device = torch.device(device)
-        self.encoder = encoder.to(self.device).eval() if encoder is not None else None
-        if self.encoder is not None and getattr(self.encoder, "stride", 4) != 4:
-            raise ValueError(f"encoder: MAST/CorrFlow protocols need an output stride of 4, got {self.encoder.stride}")
-        self.stride = 4
-        self.colour, self.crop_multiple = colour, int(crop_multiple)
-        self.channels = getattr(encoder, "out_channels", 3) if encoder is not None else 3
-        self.name = name or (f"{getattr(encoder, 'arch', type(encoder).__name__)}[{colour}]" if encoder is not None
-                             else "lab_pixels.stride4")
-
-    def cropped_size(self, height: int, width: int) -> tuple[int, int]:
-        """Frame size after the right/bottom crop (before any resize)."""
-        return crop_to_multiple(height, width, self.crop_multiple)
-
-    def input_size(self, height: int, width: int) -> tuple[int, int]:
-        """Encoder input size for ``height x width`` frames (crop, then optional short-side resize)."""
-        h, w = self.cropped_size(height, width)
-        if not self.short_side or min(h, w) == self.short_side:
-            return h, w
-        if h <= w:
-            return self.short_side, int(round(w * self.short_side / h))
-        return int(round(h * self.short_side / w)), self.short_side
-
-    def feature_size(self, height: int, width: int) -> tuple[int, int]:
-        h, w = self.input_size(height, width)
-        return math.ceil(math.ceil(h / 2) / 2), math.ceil(math.ceil(w / 2) / 2)
-
-    def preprocess(self, frames: torch.Tensor) -> torch.Tensor:
-        """``uint8 (N, 3, H, W)`` -> cropped encoder input ``float32 (N, 3, H', W')``."""
-        if frames.ndim != 4 or frames.shape[1] != 3:
-            raise ValueError(f"frames: expected uint8 (N, 3, H, W), got shape {tuple(frames.shape)}")
-        hc, wc = self.cropped_size(int(frames.shape[-2]), int(frames.shape[-1]))
-        h, w = self.input_size(int(frames.shape[-2]), int(frames.shape[-1]))
-        x = frames[..., :hc, :wc].to(self.device).float() / 255.0
-        if (h, w) != (hc, wc):
-            x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False, antialias=True).clamp(0, 1)
-        return normalise_lab(rgb_to_lab(x)) if self.colour == "lab" else x
-
-    def __call__(self, frames: torch.Tensor) -> torch.Tensor:
-        x = self.preprocess(frames)
-        size = self.feature_size(int(frames.shape[-2]), int(frames.shape[-1]))
-        if self.encoder is None:
-            lab = x if self.colour == "lab" else normalise_lab(rgb_to_lab(x))
-            return F.adaptive_avg_pool2d(lab, size)
-        with torch.inference_mode():
-            feats = self.encoder(x)
-        if tuple(feats.shape[-2:]) != tuple(size):
-            raise RuntimeError(f"{self.name}: features {tuple(feats.shape[-2:])} differ from the declared {size}")
-        return feats.float().clone()
-
-    def info(self) -> dict[str, Any]:
-        return {"kind": "window" if self.encoder is not None else "lab_pixels", "name": self.name, "stride": 4,
-                "channels": self.channels, "colour": self.colour, "crop_multiple": self.crop_multiple,
-                "short_side": self.short_side}
 
 
 # ------------------------------------------------------------------------------------------ one frame
@@ -339,31 +250,6 @@ def _ids_from_labels(labels: torch.Tensor, size: tuple[int, int]) -> torch.Tenso
     return up[0].argmax(0)
 
 
-class _FeatureCache:
-    """Features of the frames a protocol can still read (``keep(t)`` says which)."""
-
-    def __init__(self, feats: torch.Tensor | Callable[[int], torch.Tensor], num_frames: int | None) -> None:
-        if callable(feats) and not isinstance(feats, torch.Tensor):
-            if num_frames is None:
-                raise ValueError("num_frames: required when feats is a callable")
-            self.get, self.total = feats, int(num_frames)
-        else:
-            if feats.ndim != 4:
-                raise ValueError(f"feats: expected (T, C, h, w), got shape {tuple(feats.shape)}")
-            self.total = feats.shape[0] if num_frames is None else int(num_frames)
-            self.get = feats.__getitem__
-        self.cache: dict[int, torch.Tensor] = {}
-
-    def __call__(self, i: int) -> torch.Tensor:
-        if i not in self.cache:
-            self.cache[i] = self.get(i)
-        return self.cache[i]
-
-    def prune(self, needed: set[int]) -> None:
-        for i in [i for i in self.cache if i not in needed]:
-            del self.cache[i]
-
-
 def propagate_video_mast(feats: torch.Tensor | Callable[[int], torch.Tensor], first_ids: torch.Tensor, *,
                          num_frames: int | None = None, cfg: WindowPropagationConfig | None = None,
                          input_size: tuple[int, int] | None = None,
@@ -385,7 +271,7 @@ def propagate_video_mast(feats: torch.Tensor | Callable[[int], torch.Tensor], fi
     """
     cfg = cfg or mast_preset()
     cfg.validate("")
-    src = _FeatureCache(feats, num_frames)
+    src = FeatureCache(feats, num_frames)
     height, width = first_ids.shape
     first = first_ids.long()
     f0 = src(0)
@@ -415,7 +301,7 @@ def propagate_video_mast(feats: torch.Tensor | Callable[[int], torch.Tensor], fi
                                              short_term=cfg.short_term, short_gap=cfg.short_gap))
             future = set(j for j in cfg.long_term if j > t) if cfg.memory == "long_short" else set()
             keep = needed | {j for j in range(max(0, t - cfg.short_term * cfg.short_gap), t + 1)} | {0} | future
-            src.prune(keep)
+            src.retain(keep)
             for j in [j for j in labels if j not in keep]:
                 del labels[j]
     return ids_out
@@ -437,7 +323,7 @@ def propagate_video_corrflow(feats: torch.Tensor | Callable[[int], torch.Tensor]
     """
     cfg = cfg or corrflow_preset()
     cfg.validate("")
-    src = _FeatureCache(feats, num_frames)
+    src = FeatureCache(feats, num_frames)
     height, width = first_ids.shape
     prev_ids = first_ids.long()
     ids_out = torch.empty(src.total, height, width, dtype=torch.uint8)
@@ -457,7 +343,7 @@ def propagate_video_corrflow(feats: torch.Tensor | Callable[[int], torch.Tensor]
         ids_out[t] = prev_ids.to(torch.uint8)
         if on_frame is not None:
             on_frame(t, prev_ids)
-        src.prune({t})
+        src.retain({t})
     return ids_out
 
 
@@ -478,28 +364,9 @@ def propagate_sequence_window(frames: Sequence[str | Path] | torch.Tensor, first
     Returns:
         ``(T, H, W)`` uint8 object ids at the original size.
     """
-    from vidssl.io.images import read_image
-
     height, width = (int(first_ids.shape[0]), int(first_ids.shape[1]))
-    n = len(frames)
-    buffer: dict[int, torch.Tensor] = {}
-
-    def read(i: int) -> torch.Tensor:
-        img = frames[i] if isinstance(frames, torch.Tensor) else read_image(frames[i])
-        if tuple(img.shape[-2:]) != (height, width):
-            name = f"frame {i}" if isinstance(frames, torch.Tensor) else str(frames[i])
-            raise ValueError(f"{name}: size {tuple(img.shape[-2:])} differs from the first annotation "
-                             f"{(height, width)}")
-        return img
-
-    def provider(t: int) -> torch.Tensor:
-        if t not in buffer:
-            idx = list(range(t, min(n, t + feature_batch)))
-            feats = extractor(torch.stack([read(i) for i in idx]))
-            buffer.clear()
-            buffer.update({i: f for i, f in zip(idx, feats)})
-        return buffer.pop(t)
-
+    provider = FrameFeatures(extractor, frames, size=(height, width), batch=feature_batch)
+    n = len(provider)
     hc, wc = extractor.cropped_size(height, width)
     if cfg.protocol == "mast":
         if (hc, wc) != (height, width):

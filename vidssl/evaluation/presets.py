@@ -16,10 +16,8 @@ from types import MappingProxyType
 from typing import Any, Literal, Mapping
 
 from vidssl.config import ConfigError, apply_overrides, from_dict, to_dict
+from vidssl.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from vidssl.evaluation.mast_propagation import WindowPropagationConfig, corrflow_preset, mast_preset
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Callable, Literal, Sequence
+from typing import Callable, Container, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +45,7 @@ from vidssl.models.window_tiles import TiledWindows
 RestrictShape = Literal["circle", "square"]
 
 __all__ = [
+    "FeatureCache",
     "context_indices",
     "dense_label_propagation",
     "label_propagation",
@@ -330,6 +331,50 @@ def context_indices(t: int, *, context: int, pad_prev_with_first: bool, use_firs
     return out
 
 
+class FeatureCache:
+    """Features by frame index for the propagation loops (CRW/DINO here, MAST/CorrFlow in ``mast_propagation``).
+
+    ``feats`` is a ``(T, C, h, w)`` tensor or a callable ``t -> (C, h, w)`` (such as
+    :class:`~vidssl.evaluation.features.FrameFeatures`); each frame is fetched once and kept until :meth:`retain`
+    drops it, so a callable sees every frame requested once, in the order the loop first needs them.
+
+    Args:
+        feats: the features or the provider.
+        num_frames: ``T`` (required with a callable; at most ``feats.shape[0]`` with a tensor).
+        size: when given, every frame's features must be ``(C, *size)`` (errors name the frame).
+    """
+
+    def __init__(self, feats: torch.Tensor | Callable[[int], torch.Tensor], num_frames: int | None = None, *,
+                 size: tuple[int, int] | None = None) -> None:
+        if callable(feats) and not isinstance(feats, torch.Tensor):
+            if num_frames is None:
+                raise ValueError("num_frames: required when feats is a callable")
+            self.get, self.total = feats, int(num_frames)
+        else:
+            if feats.ndim != 4:
+                raise ValueError(f"feats: expected (T, C, h, w), got shape {tuple(feats.shape)}")
+            self.total = feats.shape[0] if num_frames is None else int(num_frames)
+            if self.total > feats.shape[0]:
+                raise ValueError(f"num_frames: {self.total} exceeds the {feats.shape[0]} frames of feats")
+            self.get = feats.__getitem__
+        self.size = None if size is None else tuple(int(s) for s in size)
+        self.cache: dict[int, torch.Tensor] = {}
+
+    def __call__(self, i: int) -> torch.Tensor:
+        if i not in self.cache:
+            f = self.get(i)
+            if self.size is not None and (f.ndim != 3 or tuple(f.shape[1:]) != self.size):
+                raise ValueError(f"features of frame {i}: expected (C, {self.size[0]}, {self.size[1]}), got shape "
+                                 f"{tuple(f.shape)}")
+            self.cache[i] = f
+        return self.cache[i]
+
+    def retain(self, keep: Container[int]) -> None:
+        """Drop the cached frames not in ``keep``."""
+        for i in [i for i in self.cache if i not in keep]:
+            del self.cache[i]
+
+
 def propagate_video(feats: torch.Tensor | Callable[[int], torch.Tensor], first_labels: torch.Tensor, *,
                     topk: int, temperature: float, context: int, radius: float | None = None,
                     restrict_shape: RestrictShape = "circle", first_frame_restricted: bool = False,
@@ -376,29 +421,8 @@ def propagate_video(feats: torch.Tensor | Callable[[int], torch.Tensor], first_l
         raise ValueError(f"feedback: {feedback!r}; expected 'soft' or 'hard'")
     if impl not in ("auto", "sparse", "dense"):
         raise ValueError(f"impl: {impl!r}; expected 'auto', 'sparse' or 'dense'")
-    if callable(feats) and not isinstance(feats, torch.Tensor):
-        if num_frames is None:
-            raise ValueError("num_frames: required when feats is a callable")
-        get = feats
-        total = int(num_frames)
-    else:
-        if feats.ndim != 4:
-            raise ValueError(f"feats: expected (T, C, h, w), got shape {tuple(feats.shape)}")
-        total = feats.shape[0] if num_frames is None else int(num_frames)
-        if total > feats.shape[0]:
-            raise ValueError(f"num_frames: {total} exceeds the {feats.shape[0]} frames of feats")
-        get = feats.__getitem__
-    cache: dict[int, torch.Tensor] = {}
-
-    def feat(i: int) -> torch.Tensor:
-        if i not in cache:
-            f = get(i)
-            if f.ndim != 3 or f.shape[1:] != first_labels.shape[1:]:
-                raise ValueError(f"features of frame {i}: expected (C, {first_labels.shape[1]}, "
-                                 f"{first_labels.shape[2]}), got shape {tuple(f.shape)}")
-            cache[i] = f
-        return cache[i]
-
+    feat = FeatureCache(feats, num_frames, size=tuple(first_labels.shape[1:]))
+    total = feat.total
     k1, h, w = first_labels.shape
     y0 = first_labels.float()
     preds = torch.empty(total, k1, h, w, dtype=torch.float32, device=y0.device)
@@ -430,8 +454,7 @@ def propagate_video(feats: torch.Tensor | Callable[[int], torch.Tensor], first_l
             on_frame(t, y)
         # Drop features and labels that no later target can use (frame 0 stays).
         oldest = t + 1 - context
-        for i in [i for i in cache if i != 0 and i < oldest]:
-            del cache[i]
+        feat.retain({0, *range(oldest, t + 1)})
         for i in [i for i in stored if i != 0 and i < oldest]:
             del stored[i]
     return preds

@@ -39,11 +39,11 @@ from einops import rearrange
 
 from vidssl.config import to_dict
 from vidssl.data.davis import DavisLayoutError, frame_paths, load_annotations, read_sequence_list
-from vidssl.evaluation.features import FeatureExtractor
+from vidssl.evaluation.features import FeatureExtractor, FrameFeatures
 from vidssl.evaluation.presets import PropagationConfig, describe_config
 from vidssl.evaluation.propagation import propagate_video, window_offsets
 from vidssl.io.atomic import atomic_write_text
-from vidssl.io.images import DAVIS_PALETTE, read_image, write_label_png
+from vidssl.io.images import DAVIS_PALETTE, write_label_png
 
 __all__ = [
     "ResultsExistError",
@@ -144,42 +144,6 @@ def _preflight(davis_root: Path, names: list[str], *, year: str, resolution: str
     return out
 
 
-class _FrameFeatures:
-    """Per-frame feature provider for :func:`propagate_video`: reads and encodes frames in batches, once each.
-
-    ``provider(t) -> (C, h, w)`` on ``device``; a frame is computed exactly once (``computed`` counts them) as long
-    as frames are requested in increasing order, which propagate_video does.
-    """
-
-    def __init__(self, extractor: FeatureExtractor, frames: list[Path], *, size: tuple[int, int],
-                 feat_size: tuple[int, int], batch: int, l2: bool, device: torch.device) -> None:
-        self.extractor, self.frames, self.size, self.feat_size = extractor, frames, size, feat_size
-        self.batch, self.l2, self.device = batch, l2, device
-        self.buffer: dict[int, torch.Tensor] = {}
-        self.computed = 0
-
-    def read(self, i: int) -> torch.Tensor:
-        img = read_image(self.frames[i])
-        if tuple(img.shape[1:]) != tuple(self.size):
-            raise DavisLayoutError(f"{self.frames[i]}: frame is {img.shape[2]}x{img.shape[1]} (WxH) but the "
-                                   f"sequence's first annotation is {self.size[1]}x{self.size[0]}")
-        return img
-
-    def __call__(self, t: int) -> torch.Tensor:
-        if t not in self.buffer:
-            idx = list(range(t, min(len(self.frames), t + self.batch)))
-            feats = self.extractor(torch.stack([self.read(i) for i in idx]))
-            if tuple(feats.shape[-2:]) != tuple(self.feat_size):
-                raise RuntimeError(f"{self.extractor.name}: features {tuple(feats.shape[-2:])} differ from the "
-                                   f"declared size {self.feat_size}")
-            feats = feats.to(self.device, torch.float32)
-            if self.l2:
-                feats = F.normalize(feats, p=2, dim=1)
-            self.computed += len(idx)
-            self.buffer = {i: f for i, f in zip(idx, feats)}
-        return self.buffer.pop(t)
-
-
 class _PeakMemory:
     """Peak memory of a block: CUDA ``max_memory_allocated``, else the process's peak RSS (reset when possible)."""
 
@@ -262,8 +226,8 @@ def propagate_sequence(seq: _SequenceInput, *, extractor: FeatureExtractor | str
                 warnings.warn(f"{seq.name}: object(s) {lost} vanish when the first-frame mask is downsampled to "
                               f"{feat_size[0]}x{feat_size[1]} ({cfg.label_down}); they cannot be propagated",
                               stacklevel=2)
-            provider = _FrameFeatures(extractor, seq.frames, size=seq.size, feat_size=feat_size,
-                                      batch=cfg.feature_batch, l2=cfg.l2, device=device)
+            provider = FrameFeatures(extractor, seq.frames, size=seq.size, batch=cfg.feature_batch, l2=cfg.l2,
+                                     device=device)
             up_to = resized if cfg.upsample_to == "resized" else None
 
             def write(t: int, y: torch.Tensor) -> None:
