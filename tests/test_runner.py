@@ -334,6 +334,29 @@ def test_presets_official_values_and_overrides():
         get_preset("timecycle")
 
 
+def test_keys_of_the_other_protocol_family_are_errors_naming_the_key(tmp_path, capsys):
+    from vidssl.cli import main
+    from vidssl.config import ConfigError
+
+    # window presets read only device, feature_batch and window.*: a top-k key would be silently ignored
+    with pytest.raises(ConfigError, match=r"^propagate\.radius: does not apply to preset 'mast' \(window protocol\); "
+                                          r"its keys are propagate\.window\.\*"):
+        preset_config("mast", ["propagate.radius=6"])
+    with pytest.raises(ConfigError, match=r"^propagate\.topk: does not apply to preset 'corrflow'"):
+        preset_config("corrflow", ["propagate.topk=3"])
+    with pytest.raises(ConfigError, match=r"^propagate\.window: does not apply to preset 'crw' \(top-k protocol\)"):
+        preset_config("crw", ["propagate.window.radius=6"])
+    cfg = preset_config("mast", ["propagate.window.radius=6", "propagate.device=cpu", "propagate.feature_batch=2"])
+    assert (cfg.window.radius, cfg.feature_batch, cfg.radius) == (6, 2, 12.0)
+    assert preset_config("dino", ["propagate.radius=6"]).radius == 6.0
+    # the CLI builds the config through the same checks
+    rc = main(["propagate", "--encoder", "lab", "--preset", "mast", "--davis-root", str(tmp_path / "none"),
+               "--out", str(tmp_path / "out"), "--set", "propagate.radius=6"])
+    assert rc == 2
+    assert "propagate.radius: does not apply to preset 'mast' (window protocol)" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def _real_root() -> Path | None:
     env = os.environ.get("VIDSSL_DAVIS_ROOT")
     cand = Path(env) if env else Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "davis2016-sample"

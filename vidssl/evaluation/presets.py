@@ -19,6 +19,10 @@ from vidssl.config import ConfigError, apply_overrides, from_dict, to_dict
 from vidssl.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from vidssl.evaluation.mast_propagation import WindowPropagationConfig, corrflow_preset, mast_preset
 
+#: The keys of :class:`PropagationConfig` a window preset (mast, corrflow) reads; the others belong to the top-k
+#: protocol (crw, dino), and changing them under a window preset is an error.
+WINDOW_PRESET_KEYS = ("preset", "device", "feature_batch", "window")
+
 
 @dataclass(frozen=True)
 class PropagationConfig:
@@ -82,6 +86,28 @@ class PropagationConfig:
             raise ConfigError(f"{p}std: every value must be > 0, got {self.std}")
         if not (self.device == "cpu" or self.device.startswith("cuda") or self.device == "mps"):
             raise ConfigError(f"{p}device: {self.device!r}; expected 'cpu', 'cuda', 'cuda:N' or 'mps'")
+        self._check_protocol_keys(p)
+
+    def _check_protocol_keys(self, p: str) -> None:
+        """A key of the other protocol family, changed from the official preset, is an error (it would be ignored).
+
+        Window presets (mast, corrflow) read only ``device``, ``feature_batch`` and ``window.*``; the top-k presets
+        (crw, dino) have no ``window``. Presets not in :data:`PRESETS` are not checked.
+        """
+        base = PRESETS.get(self.preset)
+        if base is None:
+            return
+        if base.window is None:
+            if self.window is not None:
+                raise ConfigError(f"{p}window: does not apply to preset {self.preset!r} (top-k protocol); the window "
+                                  f"protocols are --preset mast or corrflow")
+            return
+        if self.window is None:
+            raise ConfigError(f"{p}window: preset {self.preset!r} (window protocol) needs its window section")
+        for f in dataclasses.fields(self):
+            if f.name not in WINDOW_PRESET_KEYS and getattr(self, f.name) != getattr(base, f.name):
+                raise ConfigError(f"{p}{f.name}: does not apply to preset {self.preset!r} (window protocol); its keys "
+                                  f"are {p}window.* (and {p}device, {p}feature_batch)")
 
     def propagation_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of :func:`vidssl.evaluation.propagation.propagate_video` for this config."""
@@ -188,6 +214,7 @@ __all__ = [
     "PRESET_NAMES",
     "PresetUnavailableError",
     "PropagationConfig",
+    "WINDOW_PRESET_KEYS",
     "config_dict",
     "describe_config",
     "get_preset",
