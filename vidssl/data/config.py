@@ -13,11 +13,12 @@ class DataConfig:
     """Where clips come from and how they are cut and augmented.
 
     ``source`` picks the dataset: ``synthetic`` (built-in demo videos, generated into ``root`` or a cache folder),
-    ``frames`` (folders of JPEG/PNG frames: DAVIS, YouTube-VOS, Kinetics-as-frames), ``video`` (encoded videos) or
-    ``images`` (an image folder with one subfolder per class: items are 1-frame clips with a ``label``).
+    ``frames`` (folders of JPEG/PNG frames: DAVIS, YouTube-VOS, Kinetics-as-frames), ``video`` (encoded videos),
+    ``images`` (an image folder with one subfolder per class: items are 1-frame clips with a ``label``) or
+    ``manifest`` (every entry of ``manifest``, frame folders and encoded videos alike).
     """
 
-    source: Literal["synthetic", "frames", "video", "images"] = "synthetic"
+    source: Literal["synthetic", "frames", "video", "images", "manifest"] = "synthetic"
     root: str = ""  #: dataset root (frames: folder of per-video frame folders or a DAVIS root; video: folder of files)
     manifest: str = ""  #: optional manifest (JSONL) listing the videos; built and cached when empty
     split: str = ""  #: DAVIS-style split name (reads ImageSets/<year>/<split>.txt) or empty for every video
@@ -94,6 +95,9 @@ class DataConfig:
             raise ConfigError(f"{p}flip: must be a probability in [0, 1], got {self.flip}")
         if self.source == "images" and not self.root:
             raise ConfigError(f"{p}root: required for source='images' (a folder with one subfolder per class)")
+        if self.source == "manifest" and not self.manifest:
+            raise ConfigError(f"{p}manifest: required for source='manifest' (a JSONL manifest of frame folders and/or "
+                              "video files)")
         if self.source in ("frames", "video") and not self.root and not self.manifest:
             raise ConfigError(f"{p}root: required for source={self.source!r} (a dataset folder)")
         if self.num_workers < 0:

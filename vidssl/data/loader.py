@@ -150,8 +150,8 @@ def resolve_entries(cfg: DataConfig, *, cache_dir: str | os.PathLike | None = No
             raise FileNotFoundError(f"data.root: {root} does not exist")
     entries = _manifest_entries(root, manifest, cache, progress=progress)
     kind = "video" if cfg.source == "video" else "frames"
-    wrong = [e for e in entries if e.kind != kind]
-    entries = [e for e in entries if e.kind == kind]
+    wrong = [e for e in entries if e.kind != kind and cfg.source != "manifest"]
+    entries = [e for e in entries if e.kind == kind or cfg.source == "manifest"]
     if not entries:
         where = cfg.manifest or str(root)
         raise ManifestError(f"{where}: no {'video files' if kind == 'video' else 'frame folders'} indexed for "
