@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
@@ -301,18 +300,9 @@ def test_vectorised_equals_reference_evaluator(tmp_path):
 # ---------------------------------------------------------------- real data (skipped when absent)
 
 
-def _sample_root() -> Path | None:
-    env = os.environ.get("VIDSSL_DAVIS_ROOT")
-    candidates = ([Path(env) / "davis2016-sample", Path(env)] if env else []) + [
-        Path(__file__).resolve().parents[2] / "shared" / "data" / "davis2016-sample"]
-    return next((c for c in candidates if (c / "Annotations" / "480p").is_dir()), None)
-
-
 @pytest.mark.realdata
-def test_real_davis2016_sample(tmp_path):
-    root = _sample_root()
-    if root is None:
-        pytest.skip("DAVIS-2016 sample not found (set VIDSSL_DAVIS_ROOT)")
+def test_real_davis2016_sample(tmp_path, davis_sample):
+    root = davis_sample
     seqs = ["dog-agility", "rollerblade"]
     assert set(seqs) <= set(read_sequence_list(root, year="2016", split="sample"))
     gt_res, first_res = tmp_path / "gt", tmp_path / "first"

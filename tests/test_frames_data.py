@@ -249,19 +249,9 @@ def test_dataset_bad_arguments(videos):
 
 # ------------------------------------------------------------------------------------------------- real data
 
-def _davis_root() -> Path | None:
-    env = os.environ.get("VIDSSL_DAVIS_ROOT")
-    cands = [Path(env)] if env else []
-    cands.append(Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "davis2016-sample")
-    return next((c for c in cands if (c / "JPEGImages" / "480p").is_dir()), None)
-
-
 @pytest.mark.realdata
-def test_real_davis_clip():
-    root = _davis_root()
-    if root is None:
-        pytest.skip("DAVIS sample not available")
-    folder = root / "JPEGImages" / "480p" / "surf"
+def test_real_davis_clip(davis_sample):
+    folder = davis_sample / "JPEGImages" / "480p" / "surf"
     r = FrameFolderReader(folder)
     assert r.num_frames == 55 and (r.height, r.width) == (480, 854)
     t = ClipTransform(crop_size=64)

@@ -252,14 +252,8 @@ def test_video_source_through_manifest(tmp_path):
 
 
 @pytest.mark.realdata
-def test_real_davis_sample_split(tmp_path):
-    import os
-
-    env = os.environ.get("VIDSSL_DAVIS_ROOT")
-    root = Path(env) if env else Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "davis2016-sample"
-    if not (root / "JPEGImages" / "480p").is_dir():
-        pytest.skip("DAVIS sample not available")
-    cfg = DataConfig(source="frames", root=str(root), split="sample", clip_len=2, stride=4, crop_size=32)
+def test_real_davis_sample_split(tmp_path, davis_sample):
+    cfg = DataConfig(source="frames", root=str(davis_sample), split="sample", clip_len=2, stride=4, crop_size=32)
     loader = build_loader(cfg, batch_size=4, seed=0, cache_dir=tmp_path / "c")
     assert len(loader.dataset) == 12 and len(loader) == 3
     b = next(iter(loader))

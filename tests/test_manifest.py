@@ -208,33 +208,17 @@ def test_entry_roundtrip():
 
 # ----------------------------------------------------------------------------------------------- real data
 
-def _shared_data() -> Path | None:
-    import os
-
-    env = os.environ.get("VIDSSL_DAVIS_ROOT")
-    if env and Path(env).is_dir():
-        return Path(env).parent
-    cand = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
-    return cand if cand.is_dir() else None
+@pytest.mark.realdata
+def test_real_davis_sample_index(tmp_path, davis_sample):
+    entries, failures = build_manifest(davis_sample, tmp_path / "davis.jsonl", progress=False)
+    assert not failures and len(entries) == 12 and sum(e.num_frames for e in entries) == 712
+    assert {(e.height, e.width, e.codec) for e in entries} == {(480, 854, "jpeg")}
+    assert sorted(read_split(davis_sample, "sample")) == sorted(e.name for e in entries)
 
 
 @pytest.mark.realdata
-def test_real_davis_sample_and_videos_index(tmp_path):
-    data = _shared_data()
-    if data is None or not (data / "davis2016-sample").is_dir():
-        pytest.skip("shared real data not available")
-    entries, failures = build_manifest(data / "davis2016-sample", tmp_path / "davis.jsonl", progress=False)
-    assert not failures and len(entries) == 12 and sum(e.num_frames for e in entries) == 712
-    assert {(e.height, e.width, e.codec) for e in entries} == {(480, 854, "jpeg")}
-    assert sorted(read_split(data / "davis2016-sample", "sample")) == sorted(e.name for e in entries)
-    try:
-        import av  # noqa: F401  (probing encoded video needs PyAV)
-        import vidssl.io.video  # noqa: F401
-    except ImportError:
-        return
-    if not (data / "videos").is_dir():
-        return
-    videos, failures = build_manifest(data / "videos", tmp_path / "videos.jsonl", progress=False)
+def test_real_videos_index(tmp_path, shared_videos):
+    videos, failures = build_manifest(shared_videos, tmp_path / "videos.jsonl", progress=False)
     by_name = {e.name: e for e in videos}
     assert not failures and set(by_name) == {"bigbuckbunny", "bikes", "carphone_distorted", "carphone_pristine"}
     assert (by_name["bigbuckbunny"].num_frames, by_name["bigbuckbunny"].width) == (132, 1280)

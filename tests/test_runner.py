@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 from pathlib import Path
 
 import numpy as np
@@ -357,17 +356,10 @@ def test_keys_of_the_other_protocol_family_are_errors_naming_the_key(tmp_path, c
     assert not (tmp_path / "out").exists()
 
 
-def _real_root() -> Path | None:
-    env = os.environ.get("VIDSSL_DAVIS_ROOT")
-    cand = Path(env) if env else Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "davis2016-sample"
-    return cand if (cand / "JPEGImages" / "480p").is_dir() else None
-
-
 @pytest.mark.realdata
-@pytest.mark.skipif(_real_root() is None, reason="DAVIS-2016 sample not found (VIDSSL_DAVIS_ROOT or ../shared/data)")
-def test_real_davis2016_sample_lab_and_resnet18(tmp_path):
+def test_real_davis2016_sample_lab_and_resnet18(tmp_path, davis_sample):
     """Two real sequences (first 3 frames each, symlinked, never copied) with lab and resnet18 features at 480p."""
-    real = _real_root()
+    real = davis_sample
     root = tmp_path / "davis"
     seqs = ["dog-agility", "rollerblade"]
     for name in seqs:

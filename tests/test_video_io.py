@@ -6,7 +6,6 @@ index as a row of black/white blocks, so a decoded frame tells which frame it is
 
 from __future__ import annotations
 
-import os
 import random
 import sys
 from fractions import Fraction
@@ -31,16 +30,6 @@ from vidssl.io.video import (
 BACKENDS = available_backends()
 BITS = 12  # frame index bits drawn in the top block row
 BLOCK = 8  # block size (a multiple of the 2x2 chroma subsampling, so yuv420p keeps the blocks crisp)
-
-
-def _shared_videos() -> Path | None:
-    env = os.environ.get("VIDSSL_DAVIS_ROOT")
-    candidates = [Path(env).parent / "videos"] if env else []
-    candidates.append(Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "videos")
-    for c in candidates:
-        if c.is_dir():
-            return c.resolve()
-    return None
 
 
 def index_frame(i: int, h: int, w: int) -> np.ndarray:
@@ -431,11 +420,8 @@ REAL_COUNTS = {"bigbuckbunny.mp4": 132, "bikes.mp4": 250, "carphone_pristine.mp4
 
 @pytest.mark.realdata
 @pytest.mark.parametrize("name", sorted(REAL_COUNTS))
-def test_real_videos(name):
-    root = _shared_videos()
-    if root is None or not (root / name).exists():
-        pytest.skip("shared sample videos not present")
-    path = root / name
+def test_real_videos(name, shared_videos):
+    path = shared_videos / name
     idx = [0, 31, REAL_COUNTS[name] - 1, 30, 77 % REAL_COUNTS[name]]
     outs = {}
     for b in BACKENDS:
