@@ -1,0 +1,263 @@
+"""Frozen-feature probes (vidssl probe): protocol functions against loops and planted signals, inputs, the report."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vidssl.data import labelled
+from vidssl.evaluation import probe
+
+
+# ------------------------------------------------------------------------------------------------ linear probe
+def _planted(n, d=12, k=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g)  # n d
+    w = torch.randn(d, k, generator=g)  # d k
+    return x, (x @ w).argmax(1)  # n d, n
+
+
+def test_linear_probe_recovers_a_planted_linear_signal(one_thread):
+    x, y = _planted(400)
+    r = probe.linear_probe(x[:200], y[:200], x[200:], y[200:], l2_grid=(1e-4, 1e-2, 1.0))
+    assert r["top1"] > 0.9 and r["num_classes"] == 3
+    assert [row["l2"] for row in r["sweep"]] == [1e-4, 1e-2, 1.0] and r["l2"] in (1e-4, 1e-2, 1.0)
+    assert r["num_fit"] + r["num_heldout"] == 200
+
+
+def test_linear_probe_scores_chance_on_noise_labels(one_thread):
+    x, _ = _planted(600)
+    y = torch.randint(0, 3, (600,), generator=torch.Generator().manual_seed(1))
+    r = probe.linear_probe(x[:300], y[:300], x[300:], y[300:], l2_grid=(1e-4, 1e-2, 1.0))
+    assert abs(r["top1"] - 1 / 3) < 0.1
+
+
+def test_holdout_split_keeps_videos_together_and_falls_back_to_last_items():
+    y = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1, 1])
+    groups = ["a", "a", "b", "b", "c", "c", "c", "c", "c"]
+    fit, held = probe.holdout_split(y, groups, 0.2)
+    assert set(held.tolist()) == {2, 3, 8}  # class 0: its last video b; class 1 (one video): its last item
+    assert {groups[i] for i in fit} & {groups[i] for i in held if y[i] == 0} == set()
+
+
+def test_linear_probe_rejects_a_train_split_too_small_to_hold_out():
+    with pytest.raises(ValueError, match="too small"):
+        probe.linear_probe(torch.randn(2, 3), torch.tensor([0, 1]), torch.randn(2, 3), torch.tensor([0, 1]))
+
+
+# --------------------------------------------------------------------------------------------- kNN / retrieval
+def _cosine_loop(a, b):
+    return sum(p * q for p, q in zip(a, b)) / math.sqrt(sum(p * p for p in a) * sum(q * q for q in b))
+
+
+@pytest.mark.parametrize("k", [1, 5, 200])
+def test_knn_equals_a_brute_force_loop(k):
+    g = torch.Generator().manual_seed(0)
+    tx, ty = torch.randn(30, 6, generator=g), torch.randint(0, 4, (30,), generator=g)
+    qx, qy = torch.randn(9, 6, generator=g), torch.randint(0, 4, (9,), generator=g)
+    votes = probe.knn_scores(tx, ty, qx, k=k, temperature=0.07, num_classes=4)
+    correct = 0
+    for i in range(9):
+        sims = sorted(((_cosine_loop(qx[i].tolist(), tx[j].tolist()), j) for j in range(30)), reverse=True)
+        ref = [0.0] * 4
+        for s, j in sims[:k]:
+            ref[int(ty[j])] += math.exp(s / 0.07)
+        assert votes[i].tolist() == pytest.approx(ref, rel=1e-4)
+        correct += max(range(4), key=lambda c: ref[c]) == int(qy[i])
+    r = probe.knn_classify(tx, ty, qx, qy, k=k, num_classes=4)
+    assert r["top1"] == pytest.approx(correct / 9) and r["k"] == min(k, 30) and r["k_requested"] == k
+
+
+def test_retrieval_recall_equals_a_loop():
+    g = torch.Generator().manual_seed(2)
+    tx, ty = torch.randn(25, 5, generator=g), torch.randint(0, 3, (25,), generator=g)
+    qx, qy = torch.randn(11, 5, generator=g), torch.randint(0, 3, (11,), generator=g)
+    r = probe.retrieval_recall(tx, ty, qx, qy, ks=(1, 5, 10, 20, 50))
+    for k in (1, 5, 10, 20, 50):
+        hits = 0
+        for i in range(11):
+            ranked = sorted(range(25), key=lambda j: -_cosine_loop(qx[i].tolist(), tx[j].tolist()))
+            hits += any(int(ty[j]) == int(qy[i]) for j in ranked[:k])
+        assert r[f"R@{k}"] == pytest.approx(hits / 11), k
+    assert r["k_used"]["R@50"] == 25
+
+
+# ------------------------------------------------------------------------------------------------ arrow of time
+def _clips(n, t=4, c=8, seed=0, order=True):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(n, 1, c, generator=g).expand(n, t, c)  # n t c: the clip's content
+    noise = 0.3 * torch.randn(n, t, c, generator=g)  # n t c
+    drift = torch.randn(c, generator=g) if order else torch.zeros(c)  # c: one direction of change over time
+    ramp = torch.arange(t, dtype=torch.float32)[None, :, None] * drift  # 1 t c
+    return base + noise + ramp  # n t c
+
+
+def test_arrow_probe_separates_a_feature_that_encodes_order(one_thread):
+    clips = _clips(120, seed=0)  # every clip drifts along the same direction over time
+    r = probe.arrow_of_time_probe(clips[:60], clips[60:], l2_grid=(1e-3, 1e-1))
+    assert r["top1"] > 0.95 and r["num_clips_train"] == 60 and r["dim"] == 4 * 8
+
+
+def test_arrow_probe_scores_chance_on_order_free_features(one_thread):
+    train, test = _clips(150, seed=1, order=False), _clips(150, seed=2, order=False)
+    r = probe.arrow_of_time_probe(train, test, l2_grid=(1e-3, 1e-1))
+    assert abs(r["top1"] - 0.5) < 0.1
+    const = _clips(20, seed=3, order=False)[:, :1].expand(20, 4, 8)  # identical frames: forward == reversed
+    assert probe.arrow_of_time_probe(const, const, l2_grid=(1e-2,))["top1"] == pytest.approx(0.5)
+
+
+def test_arrow_split_is_video_disjoint():
+    items = [labelled.ProbeItem(v, (0, 1), 0, v, s) for v in ("a", "b", "c") for s in ("train", "test")]
+    tr, te, how = probe.arrow_split(items)
+    assert {items[i].video for i in tr} == {"a", "c"} and {items[i].video for i in te} == {"b"}
+    assert "alternately" in how
+
+
+# ------------------------------------------------------------------------------------------------------ inputs
+def _image(path, colour, size=16):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((size, size, 3), colour, dtype=np.uint8)).save(path)
+
+
+def _image_folder(root, classes=("cat", "dog"), per_class=4):
+    for ci, c in enumerate(classes):
+        for i in range(per_class):
+            _image(root / c / f"{i}.png", (60 * ci + 10 * i, 100, 200 - 60 * ci))
+    return root
+
+
+def _frame_folders(root, names=("s0", "s1", "s2"), frames=8):
+    for si, n in enumerate(names):
+        for t in range(frames):
+            _image(root / n / f"{t:05d}.jpg", (40 * si + 5 * t, 120, 30 * si))
+    return root
+
+
+def test_image_folder_errors_name_the_folder(tmp_path):
+    _image_folder(tmp_path / "one", classes=("cat",))
+    with pytest.raises(ValueError, match="one.*1 class"):
+        labelled.image_folder_set(tmp_path / "one")
+    root = _image_folder(tmp_path / "two")
+    (root / "empty").mkdir()
+    with pytest.raises(ValueError, match=r"empty: empty class folder"):
+        labelled.image_folder_set(root)
+
+
+def test_frame_folders_split_by_time_and_reject_one_class(tmp_path):
+    root = _frame_folders(tmp_path / "f")
+    data = labelled.frame_folders_set(root, sequences=["s0", "s2"], clip_len=2, clips_per_video=2)
+    assert data.classes == ["s0", "s2"]
+    assert all(max(it.frames) < 4 for it in data.split("train")) and all(min(it.frames) >= 4
+                                                                        for it in data.split("test"))
+    with pytest.raises(ValueError, match="1 class"):
+        labelled.frame_folders_set(root, sequences=["s0"])
+    with pytest.raises(FileNotFoundError, match="nope"):
+        labelled.frame_folders_set(root, sequences=["s0", "nope"])
+
+
+def _video_classes(root):
+    from vidssl.io import write_video
+
+    for c in ("jump", "run"):
+        for v in ("v1", "v2"):
+            for t in range(5):
+                _image(root / c / v / f"{t:03d}.jpg", (50 if c == "jump" else 200, 10 * t, 90))
+    frames = np.stack([np.full((16, 16, 3), 20 * t, dtype=np.uint8) for t in range(6)])
+    write_video(root / "run" / "v3.mp4", frames, fps=10, lossless=True)
+    return root
+
+
+def test_ucf101_and_hmdb51_splits_and_missing_videos(tmp_path):
+    root = _video_classes(tmp_path / "videos")
+    ucf = tmp_path / "ucf"
+    ucf.mkdir()
+    (ucf / "classInd.txt").write_text("1 jump\n2 run\n")
+    (ucf / "trainlist01.txt").write_text("jump/v1.avi 1\nrun/v1.avi 2\nrun/v3.mp4 2\n")
+    (ucf / "testlist01.txt").write_text("jump/v2.avi\nrun/v2.avi\n")
+    data = labelled.video_folder_set(root, splits=ucf, clip_len=3, clips_per_video=2)
+    assert data.classes == ["jump", "run"] and data.counts()["train"]["videos"] == 3
+    mp4 = [it for it in data.items if it.path.endswith(".mp4")]
+    assert mp4 and labelled.read_item_frames(mp4[0].path, mp4[0].frames).shape == (3, 3, 16, 16)
+    (ucf / "testlist01.txt").write_text("jump/v2.avi\nrun/ghost.avi\n")
+    with pytest.raises(ValueError, match=r"testlist01.txt: names 1 video.*run/ghost.avi"):
+        labelled.video_folder_set(root, splits=ucf)
+
+    hmdb = tmp_path / "hmdb"
+    hmdb.mkdir()
+    (hmdb / "jump_test_split1.txt").write_text("v1.avi 1\nv2.avi 2\n")
+    (hmdb / "run_test_split1.txt").write_text("v1.avi 1\nv2.avi 2\nv3.mp4 0\n")
+    data = labelled.video_folder_set(root, splits=hmdb, clip_len=2, clips_per_video=1)
+    assert data.counts()["test"]["clips"] == 2 and not any(it.path.endswith(".mp4") for it in data.items)
+    (hmdb / "run_test_split1.txt").write_text("v1.avi 1\nmissing.avi 2\n")
+    with pytest.raises(ValueError, match=r"run_test_split1.txt: names 1 video.*missing.avi"):
+        labelled.video_folder_set(root, splits=hmdb)
+
+
+def test_video_folder_without_splits_keeps_videos_disjoint(tmp_path):
+    data = labelled.video_folder_set(_video_classes(tmp_path / "v"), clip_len=2, clips_per_video=2)
+    tr, te = data.split("train"), data.split("test")
+    assert tr and te and not {it.video for it in tr} & {it.video for it in te}
+
+
+# ---------------------------------------------------------------------------------------- runner and the CLI
+def test_cli_end_to_end_on_images_and_frames(tmp_path, one_thread, capsys):
+    from vidssl.cli import main
+
+    imgs = _image_folder(tmp_path / "imgs")
+    assert main(["probe", "--encoder", "resnet18", "--images", str(imgs), "--size", "32", "--seed", "0,1",
+                 "--out", str(tmp_path / "p_img"), "--test-fraction", "0.5"]) == 0
+    rep = json.loads((tmp_path / "p_img" / "probe.json").read_text())
+    assert [e["role"] for e in rep["encoders"]] == ["random_init", "random_init"]
+    assert rep["encoders"][0]["results"]["arrow"]["skipped"] and rep["encoders"][0]["feature_dim"] == 256
+    assert rep["data"]["counts"]["test"]["clips"] == 4 and len(rep["summary"]["linear.top1"]["random_init"]) == 2
+
+    frames = _frame_folders(tmp_path / "frames")
+    out = tmp_path / "p_fr"
+    args = ["probe", "--encoder", "resnet18", "--frames", str(frames), "--sequences", "s0,s1,s2", "--size", "32",
+            "--clip-len", "2", "--clips-per-video", "3", "--out", str(out)]
+    assert main(args) == 0
+    rep = json.loads((out / "probe.json").read_text())
+    assert set(rep["protocols"]) == {"linear", "knn", "retrieval", "arrow"}
+    assert "k=20" in rep["protocols"]["knn"] and "T=0.07" in rep["protocols"]["knn"]
+    res = rep["encoders"][0]["results"]
+    assert res["knn"]["k=20"]["k"] == 9 and res["arrow"]["dim"] == 2 * 256 and "timings_s" in res
+    before = (out / "probe.json").read_bytes()
+    assert main(args) == 2  # an existing report is not replaced without --force
+    assert "exists already" in capsys.readouterr().err
+    assert main(args[:-1] + [str(out), "--force", "--sequences", "s0"]) == 2  # a failing run...
+    assert (out / "probe.json").read_bytes() == before and sorted(p.name for p in out.iterdir()) == ["probe.json"]
+
+
+def test_report_survives_a_run_that_fails_after_extraction(tmp_path, one_thread, monkeypatch):
+    data = labelled.frame_folders_set(_frame_folders(tmp_path / "f"), clip_len=2, clips_per_video=2)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "probe.json").write_text("{\"old\": 1}")
+
+    monkeypatch.setattr(probe, "atomic_write_text", lambda path, text: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError):
+        probe.run_probe(data, tmp_path / "out", encoder="resnet18", size=32, protocols=["knn"], force=True)
+    assert (tmp_path / "out" / "probe.json").read_text() == "{\"old\": 1}"
+
+
+def test_checkpoint_is_probed_beside_its_random_init(tmp_path, one_thread):
+    from vidssl.engine.checkpoint import save_checkpoint
+    from vidssl.models.encoders import ModelConfig
+
+    model = {"encoder": "resnet18", "out_layer": "layer2", "eval_layer": "layer2"}
+    enc = probe.random_init_encoder(ModelConfig(**model), seed=0)
+    with torch.no_grad():
+        for p in enc.parameters():
+            p.add_(0.05 * torch.randn_like(p))  # not the seed-0 init
+    weights = {"encoder." + k: v for k, v in enc.state_dict().items()}
+    config = {"name": "tiny", "model": model, "objectives": [{"name": "crw"}]}
+    save_checkpoint(tmp_path / "run", step=2, weights=weights, trainer_state={"step": 2}, config=config)
+    data = labelled.frame_folders_set(_frame_folders(tmp_path / "f"), clip_len=2, clips_per_video=2)
+    rep = probe.run_probe(data, tmp_path / "out", checkpoint=tmp_path / "run", seeds=(0,), size=32,
+                          protocols=["knn", "retrieval"])
+    roles = {e["role"]: e for e in rep["encoders"]}
+    assert roles["trained"]["step"] == 2 and roles["random_init"]["seed"] == 0
+    assert rep["encoder"]["layer"] == "layer2" and roles["trained"]["feature_dim"] == 128
+    assert "trained" in rep["summary"]["knn.k=20.top1"] and json.loads((tmp_path / "out" / "probe.json").read_text())
