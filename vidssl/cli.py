@@ -168,19 +168,17 @@ def cmd_probe(args: argparse.Namespace) -> int:
         raise UserError(f"--seed: expected comma-separated integers, got {args.seed!r}") from exc
     protocols = [p.strip() for p in args.protocols.split(",") if p.strip()]
     out = Path(args.out)
-    if (out / "probe.json").exists() and not args.force:
-        raise UserError(f"{out / 'probe.json'}: a probe report exists already (pass --force to replace it)")
+    clips = {"clip_len": args.clip_len, "stride": args.stride}
+    if args.clips_per_video is not None:
+        clips["clips_per_video"] = args.clips_per_video
     if args.images:
         data = labelled.image_folder_set(args.images, test_fraction=args.test_fraction, seed=args.split_seed)
     elif args.videos:
-        data = labelled.video_folder_set(args.videos, clip_len=args.clip_len, stride=args.stride,
-                                         clips_per_video=args.clips_per_video, splits=args.splits,
-                                         split_id=args.split_id, test_fraction=args.test_fraction,
-                                         seed=args.split_seed)
+        data = labelled.video_folder_set(args.videos, splits=args.splits, split_id=args.split_id,
+                                         test_fraction=args.test_fraction, seed=args.split_seed, **clips)
     else:
-        data = labelled.frame_folders_set(args.frames, clip_len=args.clip_len, stride=args.stride,
-                                          clips_per_video=args.clips_per_video,
-                                          sequences=args.sequences.split(",") if args.sequences else None)
+        data = labelled.frame_folders_set(args.frames, sequences=args.sequences.split(",") if args.sequences else None,
+                                          **clips)
     c = data.counts()
     print(f"vidssl probe: {data.mode} {data.root}: {len(data.classes)} classes, {c['train']['clips']} train / "
           f"{c['test']['clips']} test clips", flush=True)
@@ -348,8 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--split-seed", type=int, default=0, help="seed of that split (default 0)")
     sp.add_argument("--clip-len", type=int, default=8, help="frames per clip (default 8)")
     sp.add_argument("--stride", type=int, default=1, help="frame step inside a clip (default 1)")
-    sp.add_argument("--clips-per-video", type=int, default=8,
-                    help="clips per video (--frames: per half), starts spread uniformly (default 8)")
+    sp.add_argument("--clips-per-video", type=int, default=None,
+                    help="clips per video, starts spread uniformly (default 4; --frames: 8 per half)")
     sp.add_argument("--protocols", default="linear,knn,retrieval,arrow", help="comma-separated subset")
     sp.add_argument("--layer", help="ResNet stage read (default: the model's eval_layer)")
     sp.add_argument("--size", type=int, default=224, help="frames resized (short side) and centre-cropped to this")

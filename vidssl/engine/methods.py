@@ -8,6 +8,9 @@ outside vidssl join through :func:`vidssl.engine.register_objective`, a ``--plug
 from __future__ import annotations
 
 from vidssl.models.corrflow import CorrFlow
+from vidssl.models.cpc import CPC
+from vidssl.models.dpc import DPC
+from vidssl.models.gim import GIM
 from vidssl.models.crw import CRW
 from vidssl.models.instance import InstanceDiscrimination
 from vidssl.models.mast import MAST
@@ -21,6 +24,9 @@ def builtin_methods() -> dict[str, type[Objective]]:
     return {
         "crw": CRW,  # Jabri et al. 2020, contrastive random walk
         "corrflow": CorrFlow,  # Lai & Xie 2019, Correspondence Flow
+        "cpc": CPC,  # van den Oord et al. 2018, image-mode CPC end to end (GIM's vision loss)
+        "dpc": DPC,  # Han, Xie, Zisserman 2019, Dense Predictive Coding (video CPC)
+        "gim": GIM,  # Loewe et al. 2019, Greedy InfoMax (per-module CPC, joint/sequential/pipelined)
         "mast": MAST,  # Lai, Lu, Xie 2020, memory-augmented self-supervised tracker
         "timecycle": TimeCycle,  # Wang, Jabri, Efros 2019, cycle-consistency of time
         "vivi": VIVI,  # Tschannen et al. 2020, video-induced visual invariances (shots)

@@ -87,6 +87,8 @@ def _check_xy(x: torch.Tensor, y: torch.Tensor, name: str) -> None:
         raise ValueError(f"{name}_y: expected ({x.shape[0]},) labels, got shape {tuple(y.shape)}")
     if x.shape[0] == 0:
         raise ValueError(f"{name}_x: no items")
+    if y.dtype.is_floating_point or y.dtype == torch.bool or int(y.min()) < 0:
+        raise ValueError(f"{name}_y: expected non-negative integer class labels, got {y.dtype} min {y.min()}")
     if not torch.isfinite(x).all():
         raise ValueError(f"{name}_x: features contain NaN or inf")
 
@@ -551,6 +553,16 @@ def _mean_std(config: dict[str, Any]) -> tuple[tuple[float, ...], tuple[float, .
     return mean, std
 
 
+def _peak_rss_bytes() -> int | None:
+    """Peak resident memory of this process (Linux/macOS), ``None`` where unknown."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if platform.system() == "Darwin" else peak * 1024)
+
+
 def run_probe(data: ProbeSet, out_dir: str | Path | None = None, *, checkpoint: str | Path | None = None,
               encoder: str | None = None, seeds: Sequence[int] = (0,), layer: str | None = None,
               protocols: Sequence[str] = PROTOCOLS, device: str | None = "auto", size: int = 224,
@@ -577,6 +589,8 @@ def run_probe(data: ProbeSet, out_dir: str | Path | None = None, *, checkpoint: 
     encoders = []
     for role, enc, desc in sources:
         ff = FrameFeatures(enc, feat_layer, colour=colour, mean=mean, std=std, size=size, device=device)
+        if device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats(device)
         t0 = time.perf_counter()
         seq = clip_features(data.items, ff, batch_size=batch_size, progress=progress)  # n t c
         t_feat = time.perf_counter() - t0
@@ -605,8 +619,7 @@ def run_probe(data: ProbeSet, out_dir: str | Path | None = None, *, checkpoint: 
         "encoder": {"arch": model_cfg.encoder, "layer": feat_layer or "final output", "description": arch,
                     "model": {k: getattr(model_cfg, k) for k in ("encoder", "out_layer", "eval_layer", "stride8",
                                                                  "padding_mode", "norm", "colour")},
-                    "input": FrameFeatures(nn.Identity(), feat_layer, colour=colour, mean=mean, std=std,
-                                           size=size).describe(),
+                    "input": ff.describe(),
                     "clip_feature": "mean over the clip's frames of the per-frame pooled features",
                     "arrow_feature": "per-frame pooled features concatenated over the clip frames in time order"},
         "data": {"mode": data.mode, "root": data.root, "protocol": data.protocol, "classes": data.classes,
@@ -621,6 +634,7 @@ def run_probe(data: ProbeSet, out_dir: str | Path | None = None, *, checkpoint: 
         **(extra or {}),
     }
     report["timings_s"] = {"total": time.perf_counter() - t_start}
+    report["host"]["peak_rss_bytes"] = _peak_rss_bytes()
     if report_path is not None:
         atomic_write_text(report_path, json.dumps(report, indent=2) + "\n")
     return report
