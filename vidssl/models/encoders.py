@@ -139,7 +139,9 @@ class ModelConfig:
 
     #: a registered encoder: torchvision ResNets resnet18/34/50 (stride 8 with ``stride8``), or ``mast_resnet18``,
     #: the CorrFlow/MAST stride-4 ResNet-18 (vidssl/models/mast_encoder.py; ``out_layer``/``eval_layer``/``stride8``
-    #: do not apply, its features are the 64-d ``head`` output); plugins add more with :func:`register_encoder`
+    #: do not apply, its features are the 64-d ``head`` output); ``r2d3d18``/``r2d3d34``, DPC's 2d3d ResNet (blocks or
+    #: frames, vidssl/models/r2d3d.py); ``gim_resnet50``/``gim_resnet34``, GIM's no-BN pre-activation trunk (stages
+    #: layer1..layer3, vidssl/models/gim.py); plugins add more with :func:`register_encoder`
     encoder: str = "resnet18"
     out_layer: Literal["layer1", "layer2", "layer3", "layer4"] = "layer4"  #: last stage used in training
     eval_layer: Literal["layer1", "layer2", "layer3", "layer4"] = "layer3"  #: stage used for label propagation
@@ -166,8 +168,22 @@ def _mast(cfg: ModelConfig) -> nn.Module:
     return MASTEncoder(padding_mode=cfg.padding_mode)
 
 
+def _r2d3d(cfg: ModelConfig) -> nn.Module:
+    from vidssl.models.r2d3d import r2d3d_from_config
+
+    return r2d3d_from_config(cfg)
+
+
+def _gim_resnet(cfg: ModelConfig) -> nn.Module:
+    from vidssl.models.gim import gim_resnet_from_config
+
+    return gim_resnet_from_config(cfg)
+
+
 def _builtin_encoders() -> dict[str, Callable[[ModelConfig], nn.Module]]:
-    return {"resnet18": _resnet, "resnet34": _resnet, "resnet50": _resnet, "mast_resnet18": _mast}
+    return {"resnet18": _resnet, "resnet34": _resnet, "resnet50": _resnet, "mast_resnet18": _mast,
+            "r2d3d18": _r2d3d, "r2d3d34": _r2d3d,  # DPC's 2d3d ResNet (vidssl/models/r2d3d.py)
+            "gim_resnet50": _gim_resnet, "gim_resnet34": _gim_resnet}  # GIM's no-BN pre-act ResNet (models/gim.py)
 
 
 _ENCODERS: dict[str, Callable[[ModelConfig], nn.Module]] = _builtin_encoders()  #: the encoder registry

@@ -1,0 +1,308 @@
+"""Greedy InfoMax: gradient isolation, per-module optimisers, the memory each mode keeps alive (counted from the
+tensors autograd saves), pipelined convergence, resume in every mode, the checkpoint in propagation, bad input; and
+the image-mode CPC loss against a loop reference."""
+
+import contextlib
+import json
+import math
+
+import pytest
+import torch
+
+from vidssl.config import ConfigError
+from vidssl.engine import (build_training_model, encoder_from_checkpoint, model_from_checkpoint, resolve_run_config,
+                           train)
+from vidssl.losses import info_nce
+from vidssl.models.cpc import RowCPCHead, patchify, row_cpc_loss
+from vidssl.models.encoders import ResNetEncoder
+from vidssl.models.gim import GIM, GIMResNet, encoder_modules
+from vidssl.models.objective import StepContext
+
+TOY = dict(patch=8, patch_stride=4, pred_steps=2, num_negatives=8)  # 24x24 images -> 5x5 grid of 8x8 patches
+
+
+def _gim(mode="joint", total_steps=6, seed=0, **kw):
+    torch.manual_seed(seed)
+    return GIM(GIMResNet("gim_resnet34"), mode=mode, total_steps=total_steps, **{**TOY, **kw})
+
+
+def _ctx(model, step=0, lr=1e-2, opt="adam", seed=0):
+    if opt == "adam":
+        opts = model.configure_optimizers(lambda groups: torch.optim.Adam(groups, lr=lr))
+    else:
+        opts = model.configure_optimizers(lambda groups: torch.optim.SGD(groups, lr=lr))
+    return StepContext(step=step, lr=lr, optimizers=opts, scalers={k: None for k in opts},
+                       autocast=contextlib.nullcontext, generator=torch.Generator().manual_seed(seed),
+                       all_reduce_gradients=lambda params: None)
+
+
+def _batch(n=3, seed=0, size=24):
+    return {"video": torch.rand(n, 1, 3, size, size, generator=torch.Generator().manual_seed(seed))}
+
+
+def _snapshot(model, i):
+    return [p.detach().clone() for p in model.module_parameters(i)]
+
+
+def _moved(model, i, before):
+    return any(not torch.equal(a, b) for a, b in zip(before, model.module_parameters(i)))
+
+
+def test_no_gradient_crosses_a_module_boundary(one_thread):
+    model = _gim()
+    _, logs = model(_batch())
+    x, grid = model._patches(_batch())
+    out0, loss0, _ = model.module_loss(0, x, grid, torch.Generator().manual_seed(1))
+    _, loss1, _ = model.module_loss(1, out0.detach(), grid, torch.Generator().manual_seed(2))
+    grads = torch.autograd.grad(loss1, model.module_parameters(0), allow_unused=True)
+    assert all(g is None for g in grads)  # module 1's loss reaches no parameter of module 0
+    own = torch.autograd.grad(loss1, model.module_parameters(1), allow_unused=True)
+    assert any(g is not None and g.abs().sum() > 0 for g in own)
+    # and through the objective's own forward: module 0's gradient from the sum equals that from its loss alone
+    g = torch.Generator().manual_seed(3)
+    total, _ = model(_batch(), generator=g)
+    g_sum = torch.autograd.grad(total, model.module_parameters(0))
+    x, grid = model._patches(_batch())
+    _, loss0, _ = model.module_loss(0, x, grid, torch.Generator().manual_seed(3))
+    g_own = torch.autograd.grad(loss0, model.module_parameters(0))
+    for a, b in zip(g_sum, g_own):
+        torch.testing.assert_close(a, b)
+
+
+def test_module_parameters_partition_the_encoder_and_heads():
+    model = _gim()
+    ids = [id(p) for i in range(3) for p in model.module_parameters(i)]
+    assert len(ids) == len(set(ids)) == len(list(model.parameters()))
+
+
+def test_each_optimiser_steps_only_its_module_even_with_momentum(one_thread):
+    model = _gim("sequential", total_steps=6, module_steps=[2, 2, 2])
+    ctx = _ctx(model)
+    for step in range(2):  # module 0's phase: its Adam builds momentum
+        ctx.step = step
+        before = [_snapshot(model, i) for i in range(3)]
+        model.training_step(_batch(seed=step), ctx)
+        assert [_moved(model, i, before[i]) for i in range(3)] == [True, False, False]
+    assert ctx.optimizers["module0"].state  # non-empty moments
+    for step in range(2, 4):  # module 1's phase: module 0 (momentum, zero gradient) must not move
+        ctx.step = step
+        before = [_snapshot(model, i) for i in range(3)]
+        logs = model.training_step(_batch(seed=step), ctx)
+        assert logs["active_module"] == 1.0
+        assert [_moved(model, i, before[i]) for i in range(3)] == [False, True, False]
+
+
+def test_joint_per_module_backward_equals_the_official_summed_backward(one_thread):
+    a, b = _gim(backward="summed"), _gim(backward="per_module")
+    ca, cb = _ctx(a, opt="sgd"), _ctx(b, opt="sgd")
+    for step in range(2):
+        ca.step = cb.step = step
+        la, lb = a.training_step(_batch(n=2, seed=step), ca), b.training_step(_batch(n=2, seed=step), cb)
+        assert la["loss"] == pytest.approx(lb["loss"], rel=1e-6)
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6)
+
+
+def _saved_bytes(fn):
+    """Bytes autograd saves for backward while ``fn`` runs, and the most alive at once (saved tensors are freed when
+    their graph is)."""
+    state = {"alive": 0, "peak": 0, "total": 0}
+
+    class Held:
+        def __init__(self, t):
+            self.t, self.n = t, t.numel() * t.element_size()
+            state["alive"] += self.n
+            state["total"] += self.n
+            state["peak"] = max(state["peak"], state["alive"])
+
+        def __del__(self):
+            state["alive"] -= self.n
+
+    with torch.autograd.graph.saved_tensors_hooks(Held, lambda h: h.t):
+        fn()
+    return state
+
+
+def test_sequential_and_per_module_modes_free_earlier_activations(one_thread):
+    batch = _batch(n=2)
+    joint = _gim("joint", backward="summed")
+    summed = _saved_bytes(lambda: joint.training_step(batch, _ctx(joint)))
+    per_module = _gim("joint", backward="per_module")
+    pm = _saved_bytes(lambda: per_module.training_step(batch, _ctx(per_module)))
+    seq = _gim("sequential", total_steps=3)
+    last = _saved_bytes(lambda: seq.training_step(batch, _ctx(seq, step=2)))  # module 2 active
+    # module 2 trained alone on detached inputs: what sequential must keep, nothing more
+    alone = _gim("sequential", total_steps=3)
+    x, grid = alone._patches(batch)
+    with torch.no_grad():
+        x = alone.blocks[1](alone.blocks[0](x))
+    only2 = _saved_bytes(lambda: alone.module_loss(2, x, grid, torch.Generator().manual_seed(0)))
+    assert last["total"] == only2["total"] == last["peak"]  # frozen modules under no_grad saved nothing
+    assert last["peak"] < 0.7 * summed["peak"]
+    assert summed["peak"] == summed["total"]  # the official summed backward keeps every module's graph at once
+    assert pm["total"] == summed["total"] and pm["peak"] < summed["peak"]  # same work, one graph alive at a time
+
+
+def _stripes(n, seed, size=24):
+    """Toy stream: every column constant down the image, so a patch's code predicts the codes below it."""
+    g = torch.Generator().manual_seed(seed)
+    cols = torch.rand(n, 3, 1, size // 8, generator=g).repeat_interleave(8, dim=-1)  # n 3 1 W
+    return {"video": cols.expand(n, 3, size, size)[:, None].contiguous()}
+
+
+def test_pipelined_with_two_workers_converges_on_a_toy_stream(one_thread):
+    torch.manual_seed(0)
+    enc = ResNetEncoder("resnet18", out_layer="layer2", stride8=False)
+    model = GIM(enc, splits=["layer1", "layer2"], mode="pipelined", workers=2, negatives="batch_all", patch=16,
+                patch_stride=8, pred_steps=1)
+    assert model.groups == [[0], [1]]
+    ctx = _ctx(model, lr=3e-3)
+    logs = []
+    for step in range(20):
+        ctx.step = step
+        logs.append(model.training_step(_stripes(4, step, size=48), ctx))
+    assert logs[0]["groups_run"] == 1.0 and logs[1]["groups_run"] == 2.0  # module 1 waits one step for its input
+    assert "m1/loss" not in logs[0] and "m1/loss" in logs[1]
+    # chance is mi_bound 0 (loss = log N); a same-column patch at another row is a true look-alike, so the best
+    # reachable loss is log 3 on this stream, not 0
+    for m in ("m0", "m1"):
+        late = sum(r[f"{m}/mi_bound_nats"] for r in logs[-3:]) / 3
+        early = logs[0 if m == "m0" else 1][f"{m}/mi_bound_nats"]
+        assert late > 0.7 and late > early + 0.5, (m, early, late)
+
+
+def test_bad_input_names_the_key():
+    enc = GIMResNet("gim_resnet34")
+    with pytest.raises(ConfigError, match=r"splits: \['layer4'\] are not stages"):
+        encoder_modules(enc, ["layer1", "layer4"])
+    with pytest.raises(ConfigError, match="splits: the last module must end at the encoder's last stage"):
+        encoder_modules(enc, ["layer1", "layer2"])
+    with pytest.raises(ConfigError, match="splits: .* distinct stages in encoder order"):
+        encoder_modules(enc, ["layer2", "layer1", "layer3"])
+    with pytest.raises(ConfigError, match="workers: 4 pipelined workers for 3 modules"):
+        resolve_run_config(None, ["model.encoder=gim_resnet34", "model.out_layer=layer3", "data.clip_len=1",
+                                  "objectives=[{name: gim, mode: pipelined, workers: 4}]"])
+    with pytest.raises(ConfigError, match="module_steps: .* adding up to train.steps=10"):
+        GIM(enc, mode="sequential", module_steps=[3, 3, 3], total_steps=10)
+    with pytest.raises(ConfigError, match="model.out_layer: 'layer4'; gim_resnet34 has stages"):
+        build_training_model(resolve_run_config(None, ["model.encoder=gim_resnet34", "objectives=[{name: gim}]",
+                                                       "data.clip_len=1"]))
+    with pytest.raises(ValueError, match="smaller than one 16x16 patch; raise data.crop_size"):
+        patchify(torch.rand(1, 3, 8, 8))
+
+
+def test_splits_work_on_a_torchvision_resnet_with_batchnorm(one_thread):
+    enc = ResNetEncoder("resnet18", out_layer="layer2", stride8=False, padding_mode="zeros")
+    model = GIM(enc, splits=["layer1", "layer2"], mode="sequential", total_steps=2, **TOY)
+    assert [b.names for b in model.blocks] == [["layer1"], ["layer2"]]
+    assert any(p is enc.conv1.weight for p in model.module_parameters(0))
+    ctx = _ctx(model, step=1)
+    before = _snapshot(model, 0)
+    bn_before = enc.bn1.running_mean.clone()
+    model.training_step(_batch(size=32), ctx)
+    assert not _moved(model, 0, before) and torch.equal(enc.bn1.running_mean, bn_before)  # frozen: eval-mode BN
+
+
+def test_row_cpc_loss_matches_a_loop_reference():
+    torch.manual_seed(0)
+    codes = torch.randn(2, 4, 5, 3, dtype=torch.float64)
+    preds = torch.nn.ModuleList(torch.nn.Conv2d(4, 4, 1, bias=False).double() for _ in range(2))
+    loss, logs = row_cpc_loss(codes, preds, skip=1, negatives="batch_all")
+    ref = []
+    for k in (1, 2):
+        off = k + 1
+        fut = preds[k - 1](codes)  # b c r w
+        ctx_items = [(b, r, w) for b in range(2) for r in range(5 - off) for w in range(3)]
+        fut_items = [(b, r + off, w) for b, r, w in ctx_items]
+        terms = []
+        for i, (b, r, w) in enumerate(ctx_items):
+            s = torch.stack([codes[b, :, r, w] @ fut[b2, :, r2, w2] for b2, r2, w2 in fut_items])
+            terms.append(-(s[i] - torch.logsumexp(s, 0)))
+        ref.append(torch.stack(terms).mean())
+    torch.testing.assert_close(loss, torch.stack(ref).mean().float(), rtol=1e-5, atol=1e-6)
+    assert logs["num_candidates"] == pytest.approx((18 + 12) / 2)  # B * rows left * W per horizon
+    # equal codes: chance level log N for both policies
+    flat = torch.ones(2, 4, 5, 3)
+    head = RowCPCHead(4, pred_steps=1, negatives="batch_sampled", num_negatives=7)
+    l2, lg = head(flat, torch.Generator().manual_seed(0))
+    assert float(l2) == pytest.approx(math.log(8), rel=1e-5) and lg["mi_bound_nats"] == pytest.approx(0, abs=1e-5)
+
+
+def test_patchify_is_row_major():
+    img = torch.arange(16.0).reshape(1, 1, 4, 4)
+    patches, grid = patchify(img, patch=2, stride=2)
+    assert grid == (2, 2) and patches[1, 0, 0, 0] == 2.0 and patches[2, 0, 0, 0] == 8.0
+
+
+def _cfg(mode, steps, *extra):
+    return resolve_run_config(None, ["model.encoder=gim_resnet34", "model.out_layer=layer3",
+                                     "model.eval_layer=layer3", "data.clip_len=1",
+                                     f"objectives=[{{name: gim, mode: {mode}, patch: 8, patch_stride: 4, "
+                                     "pred_steps: 2, num_negatives: 8}]", "train.batch_size=2", "train.log_every=1",
+                                     "train.device=cpu", "optim.lr=1e-3", f"train.steps={steps}", *extra])
+
+
+@pytest.mark.parametrize("mode", ["joint", "sequential"])
+def test_resume_continues_exactly(tmp_path, mode, one_thread):
+    from test_trainer import TensorLoader
+
+    seq = ["objectives.0.module_steps=[1, 2, 1]"] if mode == "sequential" else []
+    straight = train(_cfg(mode, 4, *seq), tmp_path / "a", loader=TensorLoader(T=1, size=24), progress=False,
+                     echo=False)
+    # train 2 of 4 steps (a checkpoint at 2), then resume to 4
+    cfg_b = _cfg(mode, 4, "train.ckpt_every=2", *seq)
+    with pytest.raises(_Stop):
+        train(cfg_b, tmp_path / "b", loader=_StopAfter(TensorLoader(T=1, size=24), 2), progress=False, echo=False)
+    resumed = train(cfg_b, tmp_path / "b", loader=TensorLoader(T=1, size=24), progress=False, echo=False)
+    a, _, _ = model_from_checkpoint(straight["checkpoint"])
+    b, _, _ = model_from_checkpoint(resumed["checkpoint"])
+    for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
+        torch.testing.assert_close(vb, va, rtol=0, atol=0, msg=k)
+    logs = [json.loads(x) for x in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logs] == [1, 2, 3, 4]
+    if mode == "sequential":
+        assert [r["active_module"] for r in logs] == [0.0, 1.0, 1.0, 2.0]
+
+
+class _Stop(Exception):
+    pass
+
+
+class _StopAfter:
+    """A loader that raises after ``n`` batches (a run killed after its checkpoint)."""
+
+    def __init__(self, loader, n):
+        self.loader, self.n, self.skipped = loader, n, 0
+
+    def set_epoch(self, epoch):
+        self.loader.set_epoch(epoch)
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        for i, b in enumerate(self.loader):
+            if i >= self.n:
+                raise _Stop()
+            yield b
+
+
+def test_checkpoint_round_trip_into_propagate(tmp_path, one_thread):
+    from test_trainer import TensorLoader
+
+    summary = train(_cfg("sequential", 3), tmp_path / "run", loader=TensorLoader(T=1, size=24), progress=False,
+                    echo=False)
+    enc, model_cfg, _, step = encoder_from_checkpoint(summary["checkpoint"])
+    assert step == 3 and model_cfg.encoder == "gim_resnet34"
+    full, _, _ = model_from_checkpoint(summary["checkpoint"])
+    for k, v in full.encoder.state_dict().items():
+        torch.testing.assert_close(enc.state_dict()[k], v, rtol=0, atol=0)
+    from vidssl.cli import main
+
+    davis = tmp_path / "davis"
+    assert main(["data", "synth", "--out", str(davis), "--format", "davis", "--videos", "1", "--val-videos", "1",
+                 "--frames", "3", "--size", "32", "32"]) == 0
+    assert main(["propagate", "--checkpoint", str(tmp_path / "run"), "--davis-root", str(davis), "--year", "2017",
+                 "--split", "val", "--out", str(tmp_path / "prop"), "--no-progress"]) == 0
+    metrics = json.loads((tmp_path / "prop" / "metrics.json").read_text())
+    assert metrics["extra_info"]["step"] == 3 and metrics["extra_info"]["source"] == "checkpoint"

@@ -1,0 +1,483 @@
+"""Greedy InfoMax (Loewe, O'Connor, Veeling, NeurIPS 2019): an encoder cut into modules, each trained only by its
+own image-mode CPC loss (:mod:`vidssl.models.cpc`), no gradient between modules (spec section 2).
+
+Modules: ``splits`` names the encoder stage that ends each module (``[layer1, layer2, layer3]``: module 0 = stem +
+``layer1``, module 1 = ``layer2``, module 2 = ``layer3``, GIM's default 3-module vision split); the last split must
+be the encoder's last built stage (``model.out_layer``). Module m reads ``stopgrad`` of module m-1's per-patch maps;
+its code grid (maps average-pooled per patch) feeds its own :class:`~vidssl.models.cpc.RowCPCHead`. One optimiser
+per module (``module0``, ``module1``, ...; checkpointed by name) over that module's stage(s) and head.
+
+Modes (``mode``):
+
+* ``joint`` (official default): all modules in one pass. ``backward: summed`` is the official code (PR #18): one
+  backward of the summed losses after the whole forward -- every module's graph is alive at once, so the peak memory
+  equals end-to-end CPC (GIM #22). ``backward: per_module`` runs each module's backward right after its forward, so
+  only one module's graph is ever alive (same gradients, lower peak).
+* ``sequential``: one module at a time per ``module_steps`` (steps per module, adding up to ``train.steps``;
+  default an equal split); earlier modules run frozen in eval mode under ``torch.no_grad()`` (their activations are
+  freed as they go), later ones are not run, and only the active module's optimiser steps. (Caching earlier outputs
+  on disk is not implemented: the frozen modules are recomputed every step, as the official ``--train_module``.)
+* ``pipelined``: ``workers`` threads, each owning a contiguous group of modules with their optimisers; between
+  groups a one-slot buffer of detached activations (a bounded queue of size 1). Each engine step every worker runs
+  concurrently on what its buffer holds: group 0 on the new batch, group g on group g-1's output of the previous
+  step (staleness one step per group, the first g steps of a run or a resume idle for group g). Not under DDP (the
+  threads would issue collectives concurrently); resume restarts with empty buffers.
+
+Encoders: any registered encoder with a stem (``conv1/bn1/relu/maxpool`` or a ``stem`` method) and stages named by
+its ``layers``: torchvision ResNets, ``r2d3d18``, or GIM's own pre-activation ResNet without BatchNorm,
+``gim_resnet50`` (bottleneck, widths 256/512/1024, the paper's) and ``gim_resnet34`` (basic blocks, 64/128/256):
+5x5 stride-1 stem convolution, stages of 3/4/6 blocks, stride 2 at the first block of stages 2 and 3.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from vidssl.config import ConfigError
+from vidssl.models.cpc import RowCPCHead, frames_as_images, patch_grid, patchify
+from vidssl.models.objective import BuildContext, DataNeeds, Objective, StepContext
+
+__all__ = ["GIM", "GIMResNet", "encoder_modules", "gim_resnet_from_config"]
+
+# ------------------------------------------------------------------------------------------------ GIM's own ResNet
+
+
+class _PreActBottleneck(nn.Module):
+    """GIM's ``PreActBottleneckNoBN``: relu -> 1x1 -> relu -> 3x3 (stride) -> relu -> 1x1 (x4), plus shortcut."""
+
+    expansion = 4
+
+    def __init__(self, cin: int, width: int, stride: int) -> None:
+        super().__init__()
+        cout = width * self.expansion
+        self.conv1 = nn.Conv2d(cin, width, 1, bias=False)
+        self.conv2 = nn.Conv2d(width, width, 3, stride=stride, padding=1, bias=False)
+        self.conv3 = nn.Conv2d(width, cout, 1, bias=False)
+        self.shortcut = (nn.Conv2d(cin, cout, 1, stride=stride, bias=False) if stride != 1 or cin != cout else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(x)  # b cin h w
+        idt = x if self.shortcut is None else self.shortcut(out)  # b cout h' w'
+        out = self.conv1(out)  # b width h w
+        out = self.conv2(torch.relu(out))  # b width h' w'
+        return self.conv3(torch.relu(out)) + idt  # b cout h' w'
+
+
+class _PreActBasic(nn.Module):
+    """GIM's ``PreActBlockNoBN``: relu -> 3x3 (stride) -> relu -> 3x3, plus shortcut."""
+
+    expansion = 1
+
+    def __init__(self, cin: int, width: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, width, 3, stride=stride, padding=1, bias=False)
+        self.conv2 = nn.Conv2d(width, width, 3, padding=1, bias=False)
+        self.shortcut = (nn.Conv2d(cin, width, 1, stride=stride, bias=False) if stride != 1 or cin != width else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(x)  # b cin h w
+        idt = x if self.shortcut is None else self.shortcut(out)  # b width h' w'
+        return self.conv2(torch.relu(self.conv1(out))) + idt  # b width h' w'
+
+
+class GIMResNet(nn.Module):
+    """GIM vision's trunk: ResNet-50 (or -34) stages 1-3, pre-activation, no BatchNorm.
+
+    Args:
+        arch: ``"gim_resnet50"`` (bottleneck) or ``"gim_resnet34"`` (basic blocks).
+        out_layer: last stage built (``"layer1"`` .. ``"layer3"``).
+        in_channels: input channels (GIM: 1, grayscale; 3 here so every vidssl loader and propagation fit).
+
+    Shapes: ``(B, 3, H, W) -> (B, C, H / s, W / s)``, ``s`` = 1, 2, 4 after layer1..3.
+    """
+
+    padding_mode = "zeros"
+    _LAYERS = ("layer1", "layer2", "layer3")
+    _BLOCKS = (3, 4, 6)
+    _WIDTHS = (64, 128, 256)
+
+    def __init__(self, arch: str = "gim_resnet50", *, out_layer: str = "layer3", in_channels: int = 3) -> None:
+        super().__init__()
+        blocks = {"gim_resnet50": _PreActBottleneck, "gim_resnet34": _PreActBasic}
+        if arch not in blocks:
+            raise ValueError(f"arch: unknown GIM ResNet {arch!r}; expected one of {sorted(blocks)}")
+        if out_layer not in self._LAYERS:
+            raise ValueError(f"model.out_layer: {out_layer!r}; {arch} has stages {list(self._LAYERS)}")
+        block = blocks[arch]
+        self.arch, self.out_layer = arch, out_layer
+        self.conv1 = nn.Conv2d(in_channels, 64, 5, stride=1, padding=2)
+        self.layers: tuple[str, ...] = self._LAYERS[: self._LAYERS.index(out_layer) + 1]
+        cin = 64
+        for i, name in enumerate(self.layers):
+            width = self._WIDTHS[i]
+            setattr(self, name, nn.Sequential(*[block(cin if j == 0 else width * block.expansion, width,
+                                                      2 if (j == 0 and i > 0) else 1)
+                                                for j in range(self._BLOCKS[i])]))
+            cin = width * block.expansion
+        self._channels = {n: self._WIDTHS[i] * block.expansion for i, n in enumerate(self._LAYERS)}
+        self.out_channels = self._channels[out_layer]
+        self.stride = self.stride_at(out_layer)
+
+    def stem(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, 3, H, W) -> (B, 64, H, W)``."""
+        return self.conv1(x)
+
+    def forward(self, x: torch.Tensor, *, upto: str | None = None) -> torch.Tensor:
+        """``(B, 3, H, W)`` -> ``(B, C, h, w)``; ``upto`` stops after an earlier stage."""
+        stop = upto or self.out_layer
+        if stop not in self.layers:
+            raise ValueError(f"upto: {stop!r} is not built in this encoder (has {list(self.layers)})")
+        x = self.stem(x)  # b 64 H W
+        for name in self.layers:
+            x = getattr(self, name)(x)  # b c h w
+            if name == stop:
+                break
+        return x
+
+    def channels_at(self, layer: str) -> int:
+        """Feature channels after ``layer``."""
+        return self._channels[layer]
+
+    def stride_at(self, layer: str) -> int:
+        """Output stride after ``layer``."""
+        return 2 ** self._LAYERS.index(layer)
+
+
+def gim_resnet_from_config(cfg) -> GIMResNet:
+    """Registry factory (``model.encoder: gim_resnet50 | gim_resnet34``; ``out_layer`` applies)."""
+    if cfg.out_layer not in GIMResNet._LAYERS:
+        raise ConfigError(f"model.out_layer: {cfg.out_layer!r}; {cfg.encoder} has stages {list(GIMResNet._LAYERS)} "
+                          "(set model.out_layer and model.eval_layer to one of them)")
+    return GIMResNet(cfg.encoder, out_layer=cfg.out_layer)
+
+
+# ------------------------------------------------------------------------------------------------ module split
+
+
+class _EncoderModule(nn.Module):
+    """Stages ``names`` of ``encoder`` (with its stem when ``with_stem``), run in order; owns no parameters itself
+    (they stay in the shared encoder, saved under ``encoder.*``)."""
+
+    def __init__(self, encoder: nn.Module, names: list[str], with_stem: bool) -> None:
+        super().__init__()
+        self._enc = [encoder]  # a list: not registered as a child (the objective's encoder owns the weights)
+        self.names, self.with_stem = names, with_stem
+
+    def parts(self) -> list[nn.Module]:
+        enc = self._enc[0]
+        stem = ([enc] if hasattr(enc, "stem") else [enc.conv1, enc.bn1]) if self.with_stem else []
+        stages = [getattr(enc, n) for n in self.names]
+        if self.with_stem and hasattr(enc, "stem"):  # an encoder with a stem method: its non-stage parameters
+            taken = {id(p) for s in stages for p in s.parameters()}
+            taken |= {id(p) for n in enc.layers for p in getattr(enc, n).parameters()}
+            return [_ParamBag([p for p in enc.parameters() if id(p) not in taken])] + stages
+        return stem + stages
+
+    def parameters_of(self) -> list[nn.Parameter]:
+        return [p for part in self.parts() for p in part.parameters()]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        enc = self._enc[0]
+        if self.with_stem:
+            x = enc.stem(x) if hasattr(enc, "stem") else enc.maxpool(enc.relu(enc.bn1(enc.conv1(x))))  # n c h w
+        for n in self.names:
+            x = getattr(enc, n)(x)  # n c' h' w'
+        return x
+
+    def set_mode(self, train: bool) -> None:
+        for part in self.parts():
+            part.train(train)
+
+
+class _ParamBag(nn.Module):
+    def __init__(self, params: list[nn.Parameter]) -> None:
+        super().__init__()
+        self._p = params
+
+    def parameters(self, recurse: bool = True):  # noqa: D102 - the stem's parameters as one part
+        return iter(self._p)
+
+
+def encoder_modules(encoder: nn.Module, splits: list[str], key: str = "splits") -> list[_EncoderModule]:
+    """Cut ``encoder`` into modules ending at the stages ``splits`` (checked against ``encoder.layers``)."""
+    layers = list(getattr(encoder, "layers", ()))
+    has_stem = hasattr(encoder, "stem") or all(hasattr(encoder, a) for a in ("conv1", "bn1", "relu", "maxpool"))
+    if not layers or not has_stem:
+        raise ConfigError(f"model.encoder: {type(encoder).__name__} cannot be cut into GIM modules (needs named "
+                          "stages in .layers and a stem)")
+    if not splits:
+        raise ConfigError(f"{key}: needs at least one stage name; the encoder has {layers}")
+    unknown = [s for s in splits if s not in layers]
+    if unknown:
+        raise ConfigError(f"{key}: {unknown} are not stages of the encoder, which has {layers} (model.out_layer "
+                          "limits them)")
+    idx = [layers.index(s) for s in splits]
+    if idx != sorted(set(idx)):
+        raise ConfigError(f"{key}: {splits} must name distinct stages in encoder order {layers}")
+    if idx[-1] != len(layers) - 1:
+        raise ConfigError(f"{key}: the last module must end at the encoder's last stage {layers[-1]!r} "
+                          f"(model.out_layer), got {splits[-1]!r}")
+    out, start = [], 0
+    for i in idx:
+        out.append(_EncoderModule(encoder, layers[start:i + 1], with_stem=start == 0))
+        start = i + 1
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ the objective
+
+
+@dataclass
+class GIMParams:
+    """Greedy InfoMax (loeweX/Greedy_InfoMax vision defaults; see :mod:`vidssl.models.gim`)."""
+
+    splits: list[str] = field(default_factory=lambda: ["layer1", "layer2", "layer3"])  #: stage ending each module
+    mode: Literal["joint", "sequential", "pipelined"] = "joint"  #: joint = official
+    backward: Literal["summed", "per_module"] = "summed"  #: joint mode: official one summed backward, or per module
+    module_steps: list[int] = field(default_factory=list)  #: sequential: steps per module (sum = train.steps)
+    workers: int = 2  #: pipelined: threads (<= modules)
+    pred_steps: int = 5  #: K horizons per head (GIM: 5)
+    skip: int = 1  #: rows skipped before the first target (GIM: 1)
+    negatives: Literal["batch_sampled", "batch_all"] = "batch_sampled"  #: GIM: 16 sampled from the batch
+    num_negatives: int = 16  #: negatives per row (batch_sampled)
+    patch: int = 16  #: patch side (GIM: 16)
+    patch_stride: int = 8  #: patch step (GIM: 8)
+
+    def validate(self, prefix: str = "") -> None:
+        if self.workers < 1:
+            raise ConfigError(f"{prefix}.workers: must be >= 1, got {self.workers}")
+        if self.mode == "pipelined" and self.workers > len(self.splits):
+            raise ConfigError(f"{prefix}.workers: {self.workers} pipelined workers for {len(self.splits)} modules "
+                              "(splits); at most one worker per module")
+        if any(s < 1 for s in self.module_steps):
+            raise ConfigError(f"{prefix}.module_steps: every module needs >= 1 step, got {self.module_steps}")
+        if self.module_steps and len(self.module_steps) != len(self.splits):
+            raise ConfigError(f"{prefix}.module_steps: {len(self.module_steps)} entries for {len(self.splits)} "
+                              "modules (splits)")
+        if self.pred_steps < 1 or self.num_negatives < 1 or self.skip < 0:
+            raise ConfigError(f"{prefix}.pred_steps / num_negatives / skip: must be >= 1 / >= 1 / >= 0")
+
+
+class GIM(Objective):
+    """Greedy InfoMax over the shared encoder (custom step: one optimiser per module).
+
+    Args:
+        encoder: a stage-structured encoder (see the module docstring).
+        splits: the stage ending each module.
+        mode: ``"joint"``, ``"sequential"`` or ``"pipelined"``.
+        backward: joint mode: ``"summed"`` (official) or ``"per_module"``.
+        module_steps: sequential: steps per module (empty: equal split of ``total_steps``).
+        workers: pipelined: worker threads.
+        pred_steps, skip, negatives, num_negatives: each head's CPC loss (:class:`~vidssl.models.cpc.RowCPCHead`).
+        patch, patch_stride: the patch grid.
+        total_steps: the run length (``module_steps`` must add up to it).
+    """
+
+    Params = GIMParams
+    custom_step = True
+
+    @classmethod
+    def data_needs(cls, params: GIMParams, data=None) -> DataNeeds:
+        """Frames are images: one frame per clip suffices."""
+        return DataNeeds(clip_len=1)
+
+    @classmethod
+    def from_params(cls, encoder: nn.Module, params: GIMParams, ctx: BuildContext) -> "GIM":
+        return cls(encoder, splits=params.splits, mode=params.mode, backward=params.backward,
+                   module_steps=params.module_steps, workers=params.workers, pred_steps=params.pred_steps,
+                   skip=params.skip, negatives=params.negatives, num_negatives=params.num_negatives,
+                   patch=params.patch, patch_stride=params.patch_stride, total_steps=ctx.total_steps)
+
+    def __init__(self, encoder: nn.Module, *, splits: list[str] = ("layer1", "layer2", "layer3"),
+                 mode: str = "joint", backward: str = "summed", module_steps: list[int] = (), workers: int = 2,
+                 pred_steps: int = 5, skip: int = 1, negatives: str = "batch_sampled", num_negatives: int = 16,
+                 patch: int = 16, patch_stride: int = 8, total_steps: int = 1) -> None:
+        super().__init__()
+        if mode not in ("joint", "sequential", "pipelined"):
+            raise ConfigError(f"mode: {mode!r}; expected joint, sequential or pipelined")
+        if backward not in ("summed", "per_module"):
+            raise ConfigError(f"backward: {backward!r}; expected summed or per_module")
+        self.encoder = encoder
+        self.blocks = encoder_modules(encoder, list(splits))  # plain list: parameters live in encoder
+        m = len(self.blocks)
+        self.heads = nn.ModuleList(RowCPCHead(encoder.channels_at(s), pred_steps=pred_steps, skip=skip,
+                                              negatives=negatives, num_negatives=num_negatives) for s in splits)
+        self.mode, self.backward, self.patch, self.patch_stride = mode, backward, patch, patch_stride
+        if mode == "pipelined" and not 1 <= workers <= m:
+            raise ConfigError(f"workers: {workers} pipelined workers for {m} modules (splits); at most one per module")
+        self.workers = workers
+        steps = list(module_steps) or [total_steps // m + (i < total_steps % m) for i in range(m)]
+        if len(steps) != m or (mode == "sequential" and sum(steps) != total_steps):
+            raise ConfigError(f"module_steps: {list(module_steps)} must give {m} modules steps adding up to "
+                              f"train.steps={total_steps}")
+        self.module_ends = [sum(steps[: i + 1]) for i in range(m)]  #: sequential: module i trains until this step
+        self.groups = [list(g) for g in _chunks(m, workers)] if mode == "pipelined" else [list(range(m))]
+        self._buffers: dict[int, Any] = {}  # pipelined: one slot per group > 0 (detached input of the group)
+        self._pool: ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()
+
+    # -------------------------------------------------------------------- pieces
+    def module_parameters(self, i: int) -> list[nn.Parameter]:
+        """Parameters module ``i``'s optimiser steps: its encoder stage(s) and its head."""
+        return self.blocks[i].parameters_of() + list(self.heads[i].parameters())
+
+    def configure_optimizers(self, build: Callable[[list[dict[str, Any]]], torch.optim.Optimizer]
+                             ) -> dict[str, torch.optim.Optimizer]:
+        """One optimiser per module (``module0`` ...), from the run's ``optim:`` settings."""
+        return {f"module{i}": build([{"params": self.module_parameters(i)}]) for i in range(len(self.blocks))}
+
+    def active_module(self, step: int) -> int:
+        """Sequential mode: the module trained at 0-based ``step``."""
+        return next((i for i, end in enumerate(self.module_ends) if step < end), len(self.blocks) - 1)
+
+    def _patches(self, batch: dict) -> tuple[torch.Tensor, tuple[int, int]]:
+        return patchify(frames_as_images(batch), patch=self.patch, stride=self.patch_stride)  # (n g) 3 p p
+
+    def module_loss(self, i: int, x: torch.Tensor, grid: tuple[int, int], generator: torch.Generator | None):
+        """Module ``i`` on ``x`` (already detached): ``(its per-patch maps, loss, logs)``."""
+        out = self.blocks[i](x)  # (n g) C h w
+        loss, logs = self.heads[i](patch_grid(out, grid), generator)
+        return out, loss, logs
+
+    def forward(self, batch: dict, generator: torch.Generator | None = None):
+        """Every module, isolated (evaluation, joint-mode semantics): ``(summed loss, logs)``."""
+        x, grid = self._patches(batch)
+        total, logs = None, {}
+        for i in range(len(self.blocks)):
+            x, loss, lg = self.module_loss(i, x.detach(), grid, generator)
+            total = loss if total is None else total + loss
+            logs.update({f"m{i}/{k}": v for k, v in lg.items()})
+            logs[f"m{i}/loss"] = float(loss.detach())
+        logs["loss"] = float(total.detach())
+        return total, logs
+
+    def features(self, batch: dict) -> list[torch.Tensor]:
+        """Per-module pooled codes ``[(B T, C_m)]`` of whole frames (per-module probes)."""
+        x = frames_as_images(batch)  # n 3 H W
+        out = []
+        for blk in self.blocks:
+            x = blk(x)  # n C h w
+            out.append(x.mean(dim=(-2, -1)))  # n C
+        return out
+
+    # -------------------------------------------------------------------- the step
+    def _step_module(self, i: int, x: torch.Tensor, grid, ctx: StepContext, generator, *, backward: bool = True):
+        name = f"module{i}"
+        opt, scaler = ctx.optimizers[name], ctx.scalers.get(name)
+        with ctx.autocast():
+            out, loss, logs = self.module_loss(i, x, grid, generator)
+        if backward:
+            self._backward_step(loss, opt, scaler, i, ctx)
+        return out.detach(), loss, logs
+
+    def _backward_step(self, loss, opt, scaler, i: int, ctx: StepContext) -> None:
+        opt.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.unscale_(opt)
+        else:
+            loss.backward()
+        ctx.all_reduce_gradients(self.module_parameters(i))
+        if scaler is not None:
+            scaler.step(opt)
+            scaler.update()
+        else:
+            opt.step()
+
+    def training_step(self, batch: dict, ctx: StepContext) -> dict[str, float]:
+        """One step of the configured mode (see the module docstring); logs ``loss`` and ``m<i>/...``."""
+        if self.mode == "sequential":
+            return self._sequential(batch, ctx)
+        if self.mode == "pipelined":
+            return self._pipelined(batch, ctx)
+        return self._joint(batch, ctx)
+
+    def _joint(self, batch: dict, ctx: StepContext) -> dict[str, float]:
+        x, grid = self._patches(batch)
+        losses, logs = [], {}
+        for i in range(len(self.blocks)):
+            x, loss, lg = self._step_module(i, x, grid, ctx, ctx.generator, backward=self.backward == "per_module")
+            losses.append(loss)
+            logs.update({f"m{i}/{k}": v for k, v in lg.items()})
+        if self.backward == "summed":  # PR #18: one backward; the detach keeps the gradient supports disjoint
+            names = [f"module{i}" for i in range(len(self.blocks))]
+            for n in names:
+                ctx.optimizers[n].zero_grad(set_to_none=True)
+            scaled = [loss if ctx.scalers.get(n) is None else ctx.scalers[n].scale(loss)  # each by its own scaler
+                      for n, loss in zip(names, losses)]
+            sum(scaled).backward()
+            for i, n in enumerate(names):
+                opt, scaler = ctx.optimizers[n], ctx.scalers.get(n)
+                ctx.all_reduce_gradients(self.module_parameters(i))
+                if scaler is not None:
+                    scaler.step(opt)
+                    scaler.update()
+                else:
+                    opt.step()
+        logs["loss"] = float(sum(float(v.detach()) for v in losses))
+        return logs
+
+    def _sequential(self, batch: dict, ctx: StepContext) -> dict[str, float]:
+        active = self.active_module(ctx.step)
+        x, grid = self._patches(batch)
+        with torch.no_grad(), ctx.autocast():
+            for i in range(active):  # frozen: eval mode, no graph kept
+                self.blocks[i].set_mode(False)
+                x = self.blocks[i](x)  # (n g) C h w
+        self.blocks[active].set_mode(True)
+        _, loss, lg = self._step_module(active, x, grid, ctx, ctx.generator)
+        logs = {f"m{active}/{k}": v for k, v in lg.items()}
+        logs.update(loss=float(loss.detach()), active_module=float(active))
+        return logs
+
+    def _pipelined(self, batch: dict, ctx: StepContext) -> dict[str, float]:
+        if dist.is_available() and dist.is_initialized():
+            raise RuntimeError("mode: pipelined runs its worker threads in one process; under DDP their gradient "
+                               "all-reduces would interleave -- use mode joint or sequential with DDP")
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=len(self.groups), thread_name_prefix="gim")
+        x, grid = self._patches(batch)
+        inputs = {0: (x, grid), **{g: self._buffers.pop(g) for g in list(self._buffers)}}
+        dev = ctx.generator.device if ctx.generator is not None else torch.device("cpu")
+        seeds = torch.randint(0, 2 ** 62, (len(self.blocks),), generator=ctx.generator, device=dev).tolist()
+
+        def run(g: int, item: tuple[torch.Tensor, tuple[int, int]]):
+            x, grid = item
+            logs = {}
+            for i in self.groups[g]:
+                gen = torch.Generator(device=dev)
+                gen.manual_seed(int(seeds[i]))
+                x, loss, lg = self._step_module(i, x, grid, ctx, gen)
+                logs.update({f"m{i}/{k}": v for k, v in lg.items()})
+            return (x, grid), logs
+
+        futures = {g: self._pool.submit(run, g, inp) for g, inp in inputs.items()}
+        logs: dict[str, float] = {}
+        for g, fut in futures.items():
+            out, lg = fut.result()
+            logs.update(lg)
+            if g + 1 < len(self.groups):
+                self._buffers[g + 1] = out  # the bounded queue: one slot, filled once per step
+        logs["loss"] = float(sum(v for k, v in logs.items() if k.endswith("/loss")))
+        logs["groups_run"] = float(len(futures))
+        return logs
+
+    def __getstate__(self):  # the thread pool and lock do not pickle (deepcopy of the model)
+        state = self.__dict__.copy()
+        state["_pool"], state["_lock"] = None, None
+        return state
+
+
+def _chunks(m: int, workers: int) -> list[range]:
+    """``m`` modules as ``workers`` contiguous groups, sizes differing by at most one."""
+    sizes = [m // workers + (i < m % workers) for i in range(workers)]
+    starts = [sum(sizes[:i]) for i in range(workers)]
+    return [range(s, s + n) for s, n in zip(starts, sizes)]
