@@ -236,10 +236,14 @@ def test_report_survives_a_run_that_fails_after_extraction(tmp_path, one_thread,
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "probe.json").write_text("{\"old\": 1}")
 
-    monkeypatch.setattr(probe, "atomic_write_text", lambda path, text: (_ for _ in ()).throw(OSError("disk full")))
-    with pytest.raises(OSError):
+    def fail(*args, **kwargs):
+        raise RuntimeError("protocol crashed")
+
+    monkeypatch.setattr(probe, "evaluate_features", fail)
+    with pytest.raises(RuntimeError, match="protocol crashed"):
         probe.run_probe(data, tmp_path / "out", encoder="resnet18", size=32, protocols=["knn"], force=True)
     assert (tmp_path / "out" / "probe.json").read_text() == "{\"old\": 1}"
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["probe.json"]
 
 
 def test_checkpoint_is_probed_beside_its_random_init(tmp_path, one_thread):
