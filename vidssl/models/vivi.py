@@ -153,7 +153,7 @@ def _mlp(d_in: int, hidden: int, d_out: int) -> nn.Sequential:
 
 def _rotate(x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """Rotate square frames ``(N, 3, S, S)`` by ``k[i] * 90`` degrees counter-clockwise each."""
-    out = x.clone()
+    out = x.clone()  # (N, 3, S, S)
     for r in range(1, 4):
         sel = k == r  # (N,)
         if bool(sel.any()):
@@ -304,7 +304,7 @@ class VIVI(Objective):
         """L_S over ``h (N, C)`` with shot labels ``(N,)`` (rotation: the rotation classes ``rot (N,)``)."""
         if self.shot_loss == "rotation":
             logits = self.rotation_head(h)  # (N, 4)
-            loss = F.cross_entropy(logits, rot)
+            loss = F.cross_entropy(logits, rot)  # ()
             return loss, {"loss": float(loss.detach()), "rot_acc": float((logits.argmax(1) == rot).float().mean())}
         z = self.proj(h)  # (N, P)
         if self.shot_loss == "triplet":
@@ -370,7 +370,7 @@ class VIVI(Objective):
         if ids is None:
             ids = einops.repeat(torch.arange(self.num_shots, device=video.device), "k -> b (k l)", b=b,
                                 l=self.frames_per_shot)  # (B, K*L)
-        ids = ids.to(video.device)
+        ids = ids.to(video.device)  # (B, K*L) shot of every frame within its video
         shot_ids = rearrange(ids + self.num_shots * torch.arange(b, device=video.device)[:, None],
                              "b t -> (b t)")  # (B*K*L,) unique per (video, shot)
         loss_s, s_logs = self._shot_level(h, shot_ids, rot)
@@ -385,7 +385,7 @@ class VIVI(Objective):
         if images is not None:
             x = images["video"]  # (B2, 1, 3, S, S)
             logits = self.classifier(self.frame_features(rearrange(x, "b t c h w -> (b t) c h w")))  # (B2, classes)
-            labels = images["label"].to(logits.device)
+            labels = images["label"].to(logits.device)  # (B2,)
             if logits.shape[0] != labels.shape[0]:
                 raise ValueError(f"streams.{self.image_stream}: 1-frame items expected, got video {tuple(x.shape)}")
             loss_sup = F.cross_entropy(logits, labels)
