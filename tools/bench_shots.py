@@ -28,6 +28,7 @@ the RGB->BGR copy is done before the clock starts), downscaled as its SceneManag
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import tempfile
@@ -83,41 +84,60 @@ def join(parts: list[np.ndarray], fades: set[int], fade: int, rng: np.random.Gen
     return frames, truth
 
 
+def cached(workdir: Path, name: str, make) -> dict:
+    """The video ``name`` in ``workdir`` with its truth sidecar, made by ``make(path) -> info`` when missing."""
+    path, side = workdir / f"{name}.mp4", workdir / f"{name}.truth.json"
+    if path.is_file() and side.is_file():
+        info = json.loads(side.read_text())
+    else:
+        info = make(path)
+        atomic_write_text(side, json.dumps(info) + "\n")
+    return {**info, "path": str(path), "truth": [tuple(t) for t in info["truth"]]}
+
+
 def synthetic_videos(workdir: Path, num_videos: int = 6) -> list[dict]:
     cfg = SynthConfig(num_frames=40, height=128, width=160, camera_pan=3.0, seed=13)
-    out = []
-    for i in range(num_videos):
+
+    def make(i: int, path: Path) -> dict:
         rng = np.random.default_rng([13, i])
         video = generate_multishot(i, cfg, num_shots=5)
         edges = [0] + video.cuts + [video.num_frames]
         parts = [video.frames[a:b] for a, b in zip(edges[:-1], edges[1:])]
         frames, truth = join(parts, {1, 3}, fade=6, rng=rng)
-        shot = int(rng.integers(0, len(parts)))  # a one-frame white flash in the middle of a shot without a fade
+        shot = int(rng.integers(0, len(parts)))  # a one-frame white flash in the middle of a shot
         starts = [0] + [e for _, e in truth]  # first frame after each cut or fade
         flash = starts[shot] + 9
         frames[flash] = np.clip(frames[flash].astype(np.int16) + 160, 0, 255).astype(np.uint8)
-        path = write_video(workdir / f"synth-{i}.mp4", frames, fps=25)
-        out.append({"dataset": "synthetic", "path": str(path), "truth": truth, "flash": flash})
-    return out
+        write_video(path, frames, fps=25)
+        return {"dataset": "synthetic", "truth": truth, "flash": flash}
+
+    return [cached(workdir, f"synth-{i}", lambda path, i=i: make(i, path)) for i in range(num_videos)]
 
 
 def davis_videos(workdir: Path, root: Path, orders: int = 3, per_video: int = 4, fade: bool = False) -> list[dict]:
-    frames_of = {}
-    for seq in DAVIS_SEQUENCES:
-        files = sorted((root / "JPEGImages" / "480p" / seq).glob("*.jpg"))
-        frames_of[seq] = np.stack([read_image(f).permute(1, 2, 0).numpy() for f in files])  # (T, H, W, 3)
+    frames_of: dict[str, np.ndarray] = {}
+
+    def sequence(seq: str) -> np.ndarray:
+        if seq not in frames_of:
+            files = sorted((root / "JPEGImages" / "480p" / seq).glob("*.jpg"))
+            frames_of[seq] = np.stack([read_image(f).permute(1, 2, 0).numpy() for f in files])  # (T, H, W, 3)
+        return frames_of[seq]
+
+    def make(seqs: list[str], rng: np.random.Generator, path: Path) -> dict:
+        frames, truth = join([sequence(s) for s in seqs], set(range(per_video - 1)) if fade else set(), fade=8,
+                             rng=rng)
+        write_video(path, frames, fps=25)
+        return {"dataset": "davis-fade" if fade else "davis", "truth": truth, "sequences": seqs}
+
     out = []
     rng = np.random.default_rng(2016)
     for o in range(orders):
         order = [DAVIS_SEQUENCES[j] for j in rng.permutation(len(DAVIS_SEQUENCES))]
         for v in range(len(order) // per_video):
             seqs = order[v * per_video:(v + 1) * per_video]
-            parts = [frames_of[s] for s in seqs]
-            frames, truth = join(parts, set(range(per_video - 1)) if fade else set(), fade=8, rng=rng)
-            name = f"davis{'-fade' if fade else ''}-{o}-{v}"
-            path = write_video(workdir / f"{name}.mp4", frames, fps=25)
-            out.append({"dataset": "davis-fade" if fade else "davis", "path": str(path), "truth": truth,
-                        "sequences": seqs})
+            hold_rng = np.random.default_rng([2016, o, v])
+            out.append(cached(workdir, f"davis{'-fade' if fade else ''}-{o}-{v}",
+                              lambda path, seqs=seqs, r=hold_rng: make(seqs, r, path)))
     return out
 
 
@@ -157,7 +177,19 @@ def decode(path: str) -> tuple[torch.Tensor, float | None]:
         reader.close()
 
 
-def run_detectors(videos: list[dict], content: ContentParams, psd: PySceneDetectParams | None,
+def grid_configs(base: ContentParams, grid: Sequence[str]) -> dict[str, ContentParams]:
+    """``{"vidssl": base}``, or one config per combination of ``--grid KEY=v1,v2`` values."""
+    if not grid:
+        return {"vidssl": base}
+    axes = []
+    for g in grid:
+        key, _, values = g.partition("=")
+        axes.append([f"{key}={v}" for v in values.split(",")])
+    return {"vidssl " + " ".join(combo): from_dict(ContentParams, apply_overrides(to_dict(base), list(combo)),
+                                                   prefix="detector") for combo in itertools.product(*axes)}
+
+
+def run_detectors(videos: list[dict], content: dict[str, ContentParams], psd: PySceneDetectParams | None,
                   batch_size: int) -> None:
     """Decode each video once, then time each detector on the same frames (fills ``det``, ``time``)."""
     for v in videos:
@@ -165,9 +197,10 @@ def run_detectors(videos: list[dict], content: ContentParams, psd: PySceneDetect
         v["num_frames"] = int(frames.shape[0])
         v["size"] = [int(frames.shape[2]), int(frames.shape[3])]
         v["det"], v["time"] = {}, {}
-        t0 = time.perf_counter()
-        v["det"]["vidssl"] = content_cuts(frames.split(batch_size), content)
-        v["time"]["vidssl"] = time.perf_counter() - t0
+        for name, params in content.items():
+            t0 = time.perf_counter()
+            v["det"][name] = content_cuts(frames.split(batch_size), params)
+            v["time"][name] = time.perf_counter() - t0
         if psd is not None:
             bgr = list(rgb_to_bgr_frames(frames.split(batch_size)))          # (H, W, 3) each, before the clock
             t0 = time.perf_counter()
@@ -207,6 +240,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", help="write the results as JSON here")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="content-detector parameter")
+    p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                   help="tuning: run the vidssl detector for every combination of these values (repeatable)")
     p.add_argument("--datasets", default="synthetic,davis,davis-fade,bikes",
                    help="comma-separated subset of synthetic, davis, davis-fade, bikes")
     p.add_argument("--no-pyscenedetect", action="store_true", help="only the vidssl detector")
@@ -241,8 +276,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if "bikes" in wanted:
             videos += real_videos()
         print(f"{len(videos)} videos ready in {time.time() - t0:.1f} s", flush=True)
-        run_detectors(videos, content, psd, args.batch_size)
-    detectors = ["vidssl"] + (["pyscenedetect"] if psd is not None else [])
+        configs = grid_configs(content, args.grid)
+        run_detectors(videos, configs, psd, args.batch_size)
+    detectors = list(configs) + (["pyscenedetect"] if psd is not None else [])
     rows = table(videos, detectors)
     print(format_rows(rows))
     for v in videos:

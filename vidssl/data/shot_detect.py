@@ -2,16 +2,16 @@
 
 The content detector (the toolkit's own; VIVI's paper names no detector, see the temporal-methods notes §4.5):
 
-1. **Features** (:func:`frame_features`, batched tensor ops on the frames' device): every frame is resized (bilinear,
-   antialiased) to ``size x size``, converted to HSV (or kept RGB) and split into a ``grid x grid`` layout; each cell
+1. **Features** (:func:`frame_features`, batched tensor ops on the frames' device): every frame is subsampled by the
+   integer stride that keeps its short side >= ``2 * size``, then resized (bilinear, antialiased) to ``size x size``, converted to HSV (or kept RGB) and split into a ``grid x grid`` layout; each cell
    gets one ``bins``-bin histogram per channel, normalised to sum 1. The mean luma (BT.601) of the frame is kept for
    the fade rule.
 2. **Distance** (:func:`histogram_distance`): half the L1 distance between two histograms (total variation, 0 for
    equal, 1 for disjoint), averaged over cells and channels. ``d[t]`` compares frame ``t - 1`` with frame ``t``.
 3. **Hard cuts** (:func:`find_cuts`): frame ``t`` starts a new shot when
    ``d[t] > max(min_threshold, mean_w + k * std_w)`` where mean/std are taken over ``d`` in ``[t - window,
-   t + window]`` without ``t`` and its two neighbours, and ``d[t]`` is the largest distance within ``local_max``
-   frames.
+   t + window]`` without ``t``, its two neighbours and the ``trim`` largest values (so that a flash or another cut
+   nearby does not raise the threshold), and ``d[t]`` is the largest distance within ``local_max`` frames.
 4. **Flash rule**: a candidate is dropped when the content comes back within ``flash_len`` frames: frame ``t - 1``
    is close (distance ``< flash_ratio * d[t]``) to one of frames ``t + 1 .. t + flash_len`` (the start of a flash)
    or frame ``t`` is close to one of frames ``t - 1 - flash_len .. t - 2`` (the end of one). A camera flash or a
@@ -19,7 +19,8 @@ The content detector (the toolkit's own; VIVI's paper names no detector, see the
 5. **Fade rule**: a run of dark frames (mean luma ``< black_level``, at most ``max_black_len`` frames) strictly
    inside the video is a fade through black. Its boundary is placed at the run's middle frame
    (``start + len // 2``: that frame is the first of the new shot); the luma ramps on both sides (at most
-   ``fade_len`` frames each, while the luma keeps falling into the run / rising out of it) form the fade's span, and
+   ``fade_len`` frames each, while every step falls into the run / rises out of it by at least ``fade_step`` of the
+   brighter frame's luma) form the fade's span, and
    hard-cut candidates inside the span are dropped, so a fade is detected once. A dark run at the start or the end
    of the video (fade-in from / fade-out to black) is no boundary; a dip to black that comes back to the same
    content (distance before/after ``< min_threshold``) is none either. Dissolves between two lit shots are not
@@ -52,6 +53,7 @@ class ContentParams:
     size: int = 64  #: frames are resized (antialiased) to size x size pixels before the histograms
     colour: Literal["hsv", "rgb"] = "hsv"  #: colour space of the histograms
     window: int = 12  #: half-width in frames of the sliding window of the adaptive threshold
+    trim: int = 4  #: the window's largest distances are left out of its mean/std (flashes, nearby cuts)
     k: float = 3.0  #: a cut needs a distance above mean + k * std of its window
     min_threshold: float = 0.25  #: ... and above this absolute floor (distances lie in [0, 1])
     local_max: int = 2  #: a cut's distance is the largest within this many frames on either side
@@ -60,12 +62,13 @@ class ContentParams:
     black_level: float = 0.06  #: frames with mean luma (0..1) below this are black (fade rule)
     max_black_len: int = 50  #: a longer dark run is content (night scene), not a fade
     fade_len: int = 30  #: longest luma ramp (frames) on either side of the black run counted as the fade
+    fade_step: float = 0.02  #: a ramp frame changes the luma by at least this fraction of the brighter frame
     min_shot_len: int = 8  #: boundaries closer than this many frames are merged (the stronger is kept)
 
     def validate(self, prefix: str = "") -> None:
         """Raise :class:`ConfigError` naming the first bad field."""
         p = f"{prefix}." if prefix else ""
-        ints = {"bins": 2, "grid": 1, "size": 4, "window": 2, "local_max": 0, "flash_len": 0, "max_black_len": 1,
+        ints = {"bins": 2, "grid": 1, "size": 4, "window": 3, "trim": 0, "local_max": 0, "flash_len": 0, "max_black_len": 1,
                 "fade_len": 0, "min_shot_len": 1}
         for name, low in ints.items():
             v = getattr(self, name)
@@ -75,7 +78,10 @@ class ContentParams:
             raise ConfigError(f"{p}size: must be >= grid ({self.grid}), got {self.size}")
         if self.colour not in ("hsv", "rgb"):
             raise ConfigError(f"{p}colour: expected 'hsv' or 'rgb', got {self.colour!r}")
-        for name in ("k", "min_threshold", "flash_ratio", "black_level"):
+        if self.trim > 2 * self.window - 4:
+            raise ConfigError(f"{p}trim: must leave >= 2 distances of the window (<= {2 * self.window - 4}), "
+                              f"got {self.trim}")
+        for name in ("k", "min_threshold", "flash_ratio", "black_level", "fade_step"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0:
                 raise ConfigError(f"{p}{name}: expected a finite number >= 0, got {v!r}")
@@ -85,17 +91,20 @@ class ContentParams:
 
 # ---------------------------------------------------------------------------------------------------- features
 
-def _hsv(x: torch.Tensor) -> torch.Tensor:
-    """RGB in [0, 1] ``(B, 3, H, W)`` -> (hue, saturation, value) in [0, 1] ``(B, 3, H, W)``.
+def _bins(x: torch.Tensor, colour: str, nb: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-pixel bin (``0 .. nb - 1``, float) of each channel of ``x`` (``(B, 3, s, s)`` RGB, 0..255 float).
 
-    Hue is the angle of the opponent-colour vector (2R - G - B, sqrt(3) (G - B)), the circular form of the hexagonal
-    HSV hue; saturation is (max - min) / max.
+    ``hsv``: hue is the angle of the opponent-colour vector (2R - G - B, sqrt(3) (G - B)) -- the circular form of the
+    hexagonal HSV hue --, saturation (max - min) / max, value max. ``rgb``: the channels themselves.
     """
-    r, g, b = x.unbind(1)                                                     # each (B, H, W)
-    hue = torch.atan2(math.sqrt(3.0) * (g - b), 2 * r - g - b) / (2 * math.pi) % 1.0  # (B, H, W)
-    vmax = x.amax(1)                                                          # (B, H, W)
-    sat = (vmax - x.amin(1)) / vmax.clamp_min(1e-6)                           # (B, H, W)
-    return torch.stack([hue, sat, vmax], 1)                                   # (B, 3, H, W)
+    r, g, b = x.unbind(1)                                                     # each (B, s, s)
+    if colour == "rgb":
+        return r * (nb / 256), g * (nb / 256), b * (nb / 256)
+    vmax = torch.maximum(torch.maximum(r, g), b)                              # (B, s, s)
+    vmin = torch.minimum(torch.minimum(r, g), b)                              # (B, s, s)
+    hue = (torch.atan2(math.sqrt(3.0) * (g - b), 2 * r - g - b) * (nb / (2 * math.pi))).remainder_(nb)  # (B, s, s)
+    sat = (vmax - vmin) * nb / vmax.clamp_min(1.0)                            # (B, s, s)
+    return hue, sat, vmax * (nb / 256)
 
 
 def frame_features(frames: torch.Tensor, params: ContentParams) -> tuple[torch.Tensor, torch.Tensor]:
@@ -106,27 +115,29 @@ def frame_features(frames: torch.Tensor, params: ContentParams) -> tuple[torch.T
         params: detector hyperparameters (``size``, ``grid``, ``bins``, ``colour``).
 
     Returns:
-        ``(hist, luma)``: ``hist`` float32 ``(B, grid * grid * 3, bins)`` with each histogram summing to 1, ``luma``
-        float32 ``(B,)`` in [0, 1], both on ``frames.device``.
+        ``(hist, luma)``: ``hist`` float32 ``(B, 3 * grid * grid, bins)`` (channel-major) with each histogram summing
+        to 1, ``luma`` float32 ``(B,)`` in [0, 1], both on ``frames.device``.
     """
     if frames.dim() != 4 or frames.shape[1] != 3:
         raise ValueError(f"frames: expected (B, 3, H, W), got {tuple(frames.shape)}")
     s, g, nb = params.size, params.grid, params.bins
+    step = max(1, min(frames.shape[2:]) // (2 * s))  # keep >= 2 size pixels on the short side before resizing
+    sub = frames[:, :, ::step, ::step]                                        # (B, 3, H / step, W / step)
     if frames.device.type == "cpu":  # antialiased uint8 resize: ~15x faster than float on CPU
-        x = F.interpolate(frames, size=(s, s), mode="bilinear", antialias=True).float() / 255.0  # (B, 3, s, s)
+        x = F.interpolate(sub, size=(s, s), mode="bilinear", antialias=True).float()  # (B, 3, s, s) 0..255
     else:
-        x = F.interpolate(frames.float(), size=(s, s), mode="bilinear", antialias=True) / 255.0  # (B, 3, s, s)
-    luma = reduce(x[:, 0] * 0.299 + x[:, 1] * 0.587 + x[:, 2] * 0.114, "b h w -> b", "mean")  # (B,)
-    ch = _hsv(x) if params.colour == "hsv" else x                             # (B, 3, s, s)
-    q = (ch * nb).long().clamp_(0, nb - 1)                                    # (B, 3, s, s) bin of each pixel
-    rows = torch.arange(s, device=x.device) * g // s                         # (s,) cell row of each pixel row
-    cell = rearrange(rows, "h -> h 1") * g + rearrange(rows, "w -> 1 w")      # (s, s) cell of each pixel
-    chan = torch.arange(3, device=x.device)                                   # (3,)
-    slot = (rearrange(cell, "h w -> 1 h w") * 3 + rearrange(chan, "c -> c 1 1")) * nb  # (3, s, s) first bin
-    idx = rearrange(q + slot, "b c h w -> b (c h w)")                         # (B, 3 s s) flat bin index
-    hist = torch.zeros(x.shape[0], g * g * 3 * nb, device=x.device)           # (B, G G 3 nb)
-    hist.scatter_add_(1, idx, torch.ones_like(idx, dtype=hist.dtype))         # counts
-    hist = rearrange(hist, "b (k n) -> b k n", n=nb)                          # (B, G G 3, nb)
+        x = F.interpolate(sub.float(), size=(s, s), mode="bilinear", antialias=True)  # (B, 3, s, s) 0..255
+    b, cells, dev = x.shape[0], g * g, x.device
+    luma = reduce(x[:, 0] * 0.299 + x[:, 1] * 0.587 + x[:, 2] * 0.114, "b h w -> b", "mean") / 255.0  # (B,)
+    rows = torch.arange(s, device=dev, dtype=torch.int32) * g // s           # (s,) cell row of each pixel row
+    cell = rearrange(rows, "h -> 1 h 1") * g + rearrange(rows, "w -> 1 1 w")  # (1, s, s) cell of each pixel
+    first = (rearrange(torch.arange(b, device=dev, dtype=torch.int32), "b -> b 1 1") * cells + cell) * nb  # (B, s, s)
+    hists = []
+    for chan in _bins(x, params.colour, nb):                                  # (B, s, s) each
+        idx = chan.to(torch.int32).clamp_(0, nb - 1) + first                  # (B, s, s) flat bin index
+        counts = torch.bincount(idx.flatten(), minlength=b * cells * nb).float()  # (B G G nb)
+        hists.append(rearrange(counts, "(b k n) -> b k n", b=b, n=nb))         # (B, G G, nb)
+    hist = torch.cat(hists, 1)                                                # (B, 3 G G, nb)
     return hist / hist.sum(-1, keepdim=True), luma
 
 
@@ -147,14 +158,14 @@ class Boundaries:
     fades: list[tuple[int, int, int]]  #: (span start, boundary, span end exclusive) of each fade through black
 
 
-def _window_stats(d: torch.Tensor, window: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and std of ``d`` over ``[t - window, t + window]`` without ``t - 1, t, t + 1`` (edges replicated)."""
-    n = d.shape[0]
+def _window_stats(d: torch.Tensor, window: int, trim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and std of ``d`` over ``[t - window, t + window]`` without ``t - 1, t, t + 1`` and without the ``trim``
+    largest values (edges replicated)."""
     padded = F.pad(d[None, None], (window, window), mode="replicate")[0, 0]   # (N + 2w,)
     win = padded.unfold(0, 2 * window + 1, 1)                                 # (N, 2w + 1)
     keep = torch.ones(2 * window + 1, dtype=torch.bool, device=d.device)      # (2w + 1,)
     keep[window - 1: window + 2] = False
-    vals = win[:, keep]                                                       # (N, 2w - 2)
+    vals = win[:, keep].sort(1).values[:, : 2 * window - 2 - trim]            # (N, 2w - 2 - trim) smallest
     return vals.mean(1), vals.std(1, unbiased=False)                          # (N,), (N,)
 
 
@@ -178,10 +189,10 @@ def _fades(hist: torch.Tensor, luma: list[float], p: ContentParams) -> tuple[lis
         if b - a > p.max_black_len:
             continue
         lo = a
-        while lo > 0 and a - lo < p.fade_len and luma[lo - 1] >= luma[lo]:
+        while lo > 0 and a - lo < p.fade_len and luma[lo - 1] - luma[lo] >= p.fade_step * luma[lo - 1]:
             lo -= 1
         hi = b  # exclusive
-        while hi < n and hi - b < p.fade_len and luma[hi] >= luma[hi - 1]:
+        while hi < n and hi - b < p.fade_len and luma[hi] - luma[hi - 1] >= p.fade_step * luma[hi]:
             hi += 1
         spans.append((lo, hi))
         if a == 0 or b == n:
@@ -220,7 +231,7 @@ def find_cuts(hist: torch.Tensor, luma: torch.Tensor, params: ContentParams) -> 
     d = torch.zeros(n, device=hist.device)                                    # (N,)
     if n > 1:
         d[1:] = histogram_distance(hist[:-1], hist[1:])                       # (N - 1,)
-    mean, std = _window_stats(d, params.window) if n > 1 else (d, d)          # (N,), (N,)
+    mean, std = _window_stats(d, params.window, params.trim) if n > 1 else (d, d)          # (N,), (N,)
     thresh = torch.clamp(mean + params.k * std, min=params.min_threshold)     # (N,)
     m = params.local_max
     peak = F.max_pool1d(d[None, None], 2 * m + 1, stride=1, padding=m)[0, 0] if n > 1 else d  # (N,)
