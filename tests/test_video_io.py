@@ -432,3 +432,20 @@ def test_real_videos(name, shared_videos):
     first = outs[BACKENDS[0]]
     for b, x in outs.items():
         assert torch.equal(x, first), b
+
+
+def test_decord_does_not_break_png_decoding(tmp_path):
+    # decord 0.6 loads its bundled zlib 1.2.3 globally; imported before torchvision's PNG decoder, it made every later
+    # PNG decode fail ("libpng error: bad parameters to zlib") or segfault. A fresh interpreter shows the order.
+    pytest.importorskip("decord")
+    import subprocess
+
+    png = tmp_path / "x.png"
+    from PIL import Image
+
+    Image.fromarray(np.full((4, 6, 3), 7, dtype=np.uint8)).save(png)
+    code = ("import sys; from vidssl.io.video import open_video; from vidssl.io.images import read_image; "
+            f"open_video({str(index_video(tmp_path / 'v.mp4', 3))!r}, backend='decord').close(); "
+            f"x = read_image({str(png)!r}); sys.exit(0 if x.shape == (3, 4, 6) and int(x.max()) == 7 else 3)")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]

@@ -204,6 +204,10 @@ def _load_backend(name: str) -> Any:
             ) from e
         return tcd
     if name == "decord":
+        # decord 0.6 ships zlib 1.2.3 and loads it globally: torchvision's PNG decoder must be loaded first, or every
+        # later PNG decode fails ("libpng error: bad parameters to zlib") or crashes the process.
+        import torchvision.io  # noqa: F401
+
         try:
             import decord
         except ImportError as e:
