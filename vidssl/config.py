@@ -212,10 +212,6 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-def _literal_values(tp: Any) -> tuple | None:
-    return get_args(tp) if get_origin(tp) is Literal else None
-
-
 def describe(cls: type, prefix: str = "") -> list[tuple[str, str, Any]]:
     """Rows ``(dotted key, type description, default)`` of a config dataclass, for ``--help`` and docs."""
     rows = []

@@ -167,10 +167,6 @@ PRESETS: Mapping[str, PropagationConfig] = MappingProxyType({"crw": _crw(), "din
 PRESET_NAMES = ("crw", "dino", "mast", "corrflow")
 
 
-class PresetUnavailableError(ConfigError):
-    """A preset is known but cannot run in this version (the message says why and what to use instead)."""
-
-
 def get_preset(name: str) -> PropagationConfig:
     """A fresh :class:`PropagationConfig` with the official values of preset ``name``."""
     if name not in PRESETS:
@@ -212,7 +208,6 @@ __all__ = [
     "IMAGENET_STD",
     "PRESETS",
     "PRESET_NAMES",
-    "PresetUnavailableError",
     "PropagationConfig",
     "WINDOW_PRESET_KEYS",
     "config_dict",

@@ -9,7 +9,7 @@ and last feature cells), as ``F.affine_grid``/``F.grid_sample`` did in the PyTor
   predicted and by the ground-truth transformation (the tracking-cycle and skip-cycle losses).
 * :func:`inlier_score` -- the normalised "weak inlier count" (Rocco et al.) the official code uses as the
   feature-similarity term: the affinity mass of every patch position at the location the predicted ``theta`` sends
-  it to; :func:`similarity_loss` is its negated mean.
+  it to (``L_sim`` is its negated mean).
 * :func:`timecycle_loss` -- the official weighting ``0.2 * lam * mean_c L_theta(cycle c) + lam * L_theta(skip)
   + L_sim`` with ``lam = 0.1``.
 """
@@ -144,12 +144,6 @@ def inlier_score(affinity: torch.Tensor, theta: torch.Tensor, *, map_size: tuple
     hit = einops.reduce(hit, "(n q) 1 1 1 -> n", "sum", n=n)
     mass = einops.reduce(mass, "(n q) 1 1 1 -> n", "sum", n=n)
     return hit / (mass + eps * hw * h * w)
-
-
-def similarity_loss(affinity: torch.Tensor, theta: torch.Tensor, *, map_size: tuple[int, int],
-                    offset_factor: float = OFFSET_FACTOR) -> torch.Tensor:
-    """``L_sim = -mean(inlier_score)`` (scalar; shapes as :func:`inlier_score`)."""
-    return -inlier_score(affinity, theta, map_size=map_size, offset_factor=offset_factor).mean()
 
 
 def timecycle_loss(*, cycle_thetas: Sequence[torch.Tensor], skip_thetas: torch.Tensor, theta_gt: torch.Tensor,
