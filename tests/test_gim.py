@@ -306,3 +306,16 @@ def test_checkpoint_round_trip_into_propagate(tmp_path, one_thread):
                  "--split", "val", "--out", str(tmp_path / "prop"), "--no-progress"]) == 0
     metrics = json.loads((tmp_path / "prop" / "metrics.json").read_text())
     assert metrics["extra_info"]["step"] == 3 and metrics["extra_info"]["source"] == "checkpoint"
+
+
+def test_pipelined_resumes_with_an_empty_pipeline(tmp_path, one_thread):
+    from test_trainer import TensorLoader
+
+    cfg = _cfg("pipelined", 4, "train.ckpt_every=2")
+    with pytest.raises(_Stop):
+        train(cfg, tmp_path / "run", loader=_StopAfter(TensorLoader(T=1, size=24), 2), progress=False, echo=False)
+    train(cfg, tmp_path / "run", loader=TensorLoader(T=1, size=24), progress=False, echo=False)
+    logs = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logs] == [1, 2, 3, 4]
+    # the in-flight activations are not checkpointed: after the resume the last group waits one step again
+    assert [r["groups_run"] for r in logs] == [1.0, 2.0, 1.0, 2.0]

@@ -320,7 +320,7 @@ class GIM(Objective):
                               f"train.steps={total_steps}")
         self.module_ends = [sum(steps[: i + 1]) for i in range(m)]  #: sequential: module i trains until this step
         self.groups = [list(g) for g in _chunks(m, workers)] if mode == "pipelined" else [list(range(m))]
-        self._buffers: dict[int, Any] = {}  # pipelined: one slot per group > 0 (detached input of the group)
+        self._inflight: dict[int, Any] = {}  # pipelined: one slot per group > 0 (detached input of the group)
         self._pool: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
 
@@ -380,11 +380,12 @@ class GIM(Objective):
 
     def _backward_step(self, loss, opt, scaler, i: int, ctx: StepContext) -> None:
         opt.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.unscale_(opt)
-        else:
-            loss.backward()
+        (loss if scaler is None else scaler.scale(loss)).backward()
+        self._optimiser_step(i, ctx)
+
+    def _optimiser_step(self, i: int, ctx: StepContext) -> None:
+        """Average module ``i``'s gradients over DDP ranks, then step its optimiser (through its scaler in fp16)."""
+        opt, scaler = ctx.optimizers[f"module{i}"], ctx.scalers.get(f"module{i}")
         ctx.all_reduce_gradients(self.module_parameters(i))
         if scaler is not None:
             scaler.step(opt)
@@ -414,14 +415,8 @@ class GIM(Objective):
             scaled = [loss if ctx.scalers.get(n) is None else ctx.scalers[n].scale(loss)  # each by its own scaler
                       for n, loss in zip(names, losses)]
             sum(scaled).backward()
-            for i, n in enumerate(names):
-                opt, scaler = ctx.optimizers[n], ctx.scalers.get(n)
-                ctx.all_reduce_gradients(self.module_parameters(i))
-                if scaler is not None:
-                    scaler.step(opt)
-                    scaler.update()
-                else:
-                    opt.step()
+            for i in range(len(names)):
+                self._optimiser_step(i, ctx)
         logs["loss"] = float(sum(float(v.detach()) for v in losses))
         return logs
 
@@ -445,7 +440,7 @@ class GIM(Objective):
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=len(self.groups), thread_name_prefix="gim")
         x, grid = self._patches(batch)
-        inputs = {0: (x, grid), **{g: self._buffers.pop(g) for g in list(self._buffers)}}
+        inputs = {0: (x, grid), **{g: self._inflight.pop(g) for g in list(self._inflight)}}
         dev = ctx.generator.device if ctx.generator is not None else torch.device("cpu")
         seeds = torch.randint(0, 2 ** 62, (len(self.blocks),), generator=ctx.generator, device=dev).tolist()
 
@@ -465,7 +460,7 @@ class GIM(Objective):
             out, lg = fut.result()
             logs.update(lg)
             if g + 1 < len(self.groups):
-                self._buffers[g + 1] = out  # the bounded queue: one slot, filled once per step
+                self._inflight[g + 1] = out  # the bounded queue: one slot, filled once per step
         logs["loss"] = float(sum(v for k, v in logs.items() if k.endswith("/loss")))
         logs["groups_run"] = float(len(futures))
         return logs

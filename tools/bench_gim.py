@@ -1,0 +1,222 @@
+"""Peak training memory and step time of end-to-end CPC against every Greedy InfoMax mode, same trunk and batch.
+
+Every configuration runs in its own child process (a fresh allocator, so peaks do not mix): it builds the model and
+its optimisers from the same seed, makes one random batch, runs ``--warmup`` steps and then ``--steps`` timed
+steps. Memory:
+
+* CPU: the child's peak resident set (``ru_maxrss``) and, as the *training* memory, that peak minus the resident set
+  after the model, optimisers and batch exist (what the steps themselves add: activations, gradients, optimiser
+  moments);
+* GPU (``--device cuda``): ``torch.cuda.max_memory_allocated`` minus the allocation before the first step.
+
+Configurations: ``cpc`` (end-to-end image-mode CPC: the whole trunk, one head on its output, one optimiser),
+``joint`` (GIM official: summed losses, one backward), ``joint_per_module`` (a backward right after each module),
+``sequential_m<i>`` (module i trained, earlier modules frozen under no_grad; the sequential peak is the maximum
+over i) and ``pipelined`` (``--workers`` threads). The largest module's share of end-to-end memory is measured in
+the parent by counting the bytes autograd saves per module in one joint step.
+
+Usage (one CPU slot, one thread per configuration; pipelined uses ``--workers`` threads)::
+
+    /work/heavy python tools/bench_gim.py --encoder gim_resnet34 --batch 8 --crop 64 --out runs/bench_gim.json
+
+Baselines for evaluations that read a checkpoint (``vidssl propagate``): ``--random-init RUN --out DIR`` writes DIR as
+a run folder whose step-0 checkpoint is RUN's config at random initialisation, seeded as the trainer seeds it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from vidssl.io.atomic import atomic_write_text
+from vidssl.models.cpc import CPC
+from vidssl.models.encoders import ModelConfig, build_model_encoder
+from vidssl.models.gim import GIM
+from vidssl.models.objective import StepContext
+
+
+def _encoder(args):
+    return build_model_encoder(ModelConfig(encoder=args.encoder, out_layer=args.splits[-1],
+                                           eval_layer=args.splits[-1], stride8=False))
+
+
+def _gim(args, mode, **kw):
+    return GIM(_encoder(args), splits=args.splits, mode=mode, pred_steps=args.pred_steps,
+               total_steps=len(args.splits), **kw)
+
+
+def _memory_now(device: torch.device) -> float:
+    """MiB: allocated on the GPU, or the resident set's high-water mark on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device) / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def child(args) -> dict:
+    """Run one configuration; returns memory (MiB) and per-step time (s)."""
+    torch.set_num_threads(1)
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    name = args.child
+    lr = 2e-4
+    if name == "cpc":
+        model = CPC(_encoder(args), pred_steps=args.pred_steps).to(device)
+        opts = {"main": torch.optim.Adam(model.parameters(), lr=lr)}
+    else:
+        if name.startswith("sequential_m"):
+            model = _gim(args, "sequential", module_steps=[1] * len(args.splits))
+        elif name == "pipelined":
+            model = _gim(args, "pipelined", workers=args.workers)
+        else:
+            model = _gim(args, "joint", backward="per_module" if name == "joint_per_module" else "summed")
+        model.to(device)
+        opts = model.configure_optimizers(lambda groups: torch.optim.Adam(groups, lr=lr))
+    gen = torch.Generator(device=device).manual_seed(0)
+    batch = {"video": torch.rand(args.batch, 1, 3, args.crop, args.crop, generator=torch.Generator().manual_seed(1))
+             .to(device)}
+    step_of = int(name[len("sequential_m"):]) if name.startswith("sequential_m") else 0
+
+    def one_step(i: int) -> None:
+        if name == "cpc":
+            loss, _ = model(batch, generator=gen)
+            opts["main"].zero_grad(set_to_none=True)
+            loss.backward()
+            opts["main"].step()
+        else:
+            ctx = StepContext(step=step_of, lr=lr, optimizers=opts, scalers={k: None for k in opts},
+                              autocast=contextlib.nullcontext, generator=gen,
+                              all_reduce_gradients=lambda params: None)
+            model.training_step(batch, ctx)
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    base = _memory_now(device)
+    times = []
+    for i in range(args.warmup + args.steps):
+        t0 = time.perf_counter()
+        one_step(i)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if i >= args.warmup:
+            times.append(time.perf_counter() - t0)
+    peak = (torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    return {"config": name, "base_mib": base, "peak_mib": peak, "train_mib": peak - base,
+            "step_s": sum(times) / len(times), "images_per_s": args.batch / (sum(times) / len(times))}
+
+
+def module_shares(args) -> list[float]:
+    """Fraction of the bytes autograd saves in one joint step that belongs to each module (head included)."""
+    torch.manual_seed(0)
+    model = _gim(args, "joint")
+    batch = {"video": torch.rand(args.batch, 1, 3, args.crop, args.crop, generator=torch.Generator().manual_seed(1))}
+    x, grid = model._patches(batch)
+    saved = []
+    for i in range(len(model.blocks)):
+        count = [0]
+
+        def pack(t, count=count):
+            count[0] += t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            x, loss, _ = model.module_loss(i, x.detach(), grid, torch.Generator().manual_seed(i))
+        saved.append(count[0])
+        del loss
+    return [s / sum(saved) for s in saved]
+
+
+def random_init_run(run: str, out: str) -> Path:
+    """A step-0 checkpoint of ``run``'s config at random init (``torch.manual_seed(train.seed)``, as ``train``)."""
+    from vidssl.engine import build_training_model, model_from_checkpoint, save_checkpoint
+
+    _, cfg, _ = model_from_checkpoint(run)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.train.seed)
+        model = build_training_model(cfg)
+    from vidssl.config import to_dict
+
+    return save_checkpoint(out, step=0, weights=model.state_dict(), trainer_state={"step": 0}, config=to_dict(cfg))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--encoder", default="gim_resnet34", help="a registered stage-structured encoder")
+    ap.add_argument("--splits", default="layer1,layer2,layer3", help="stage ending each module")
+    ap.add_argument("--batch", type=int, default=8, help="images per step (each cut into patches)")
+    ap.add_argument("--crop", type=int, default=64, help="image side (GIM: 64 -> 7x7 grid of 16x16 patches)")
+    ap.add_argument("--pred-steps", type=int, default=5)
+    ap.add_argument("--workers", type=int, default=2, help="pipelined worker threads")
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--out", help="write the table as JSON here")
+    ap.add_argument("--random-init", metavar="RUN", help="write --out as RUN's config at random init (step 0)")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.random_init:
+        if not args.out:
+            raise SystemExit("bench_gim: --random-init needs --out DIR (the run folder to write)")
+        print(random_init_run(args.random_init, args.out))
+        return 0
+    args.splits = args.splits.split(",")
+    if args.child:
+        print(json.dumps(child(args)))
+        return 0
+    m = len(args.splits)
+    configs = ["cpc", "joint", "joint_per_module"] + [f"sequential_m{i}" for i in range(m)] + ["pipelined"]
+    rows = []
+    passthrough = [f"--encoder={args.encoder}", f"--splits={','.join(args.splits)}", f"--batch={args.batch}",
+                   f"--crop={args.crop}", f"--pred-steps={args.pred_steps}", f"--workers={args.workers}",
+                   f"--warmup={args.warmup}", f"--steps={args.steps}", f"--device={args.device}"]
+    for name in configs:
+        res = subprocess.run([sys.executable, __file__, *passthrough, f"--child={name}"], capture_output=True,
+                             text=True)
+        if res.returncode != 0:
+            raise SystemExit(f"bench_gim: configuration {name} failed:\n{res.stderr[-3000:]}")
+        rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
+        print(f"  {name}: done", file=sys.stderr, flush=True)
+    by = {r["config"]: r for r in rows}
+    e2e = by["cpc"]
+    seq = max((by[f"sequential_m{i}"] for i in range(m)), key=lambda r: r["train_mib"])
+    shares = module_shares(args)
+    kind = "max_memory_allocated" if args.device.startswith("cuda") else "ru_maxrss"
+    print(f"GIM memory/time: {args.encoder} split {args.splits}, batch {args.batch} x {args.crop}^2 "
+          f"({args.device}, {kind}; train = peak - before the first step; {args.steps} timed steps)")
+    print(f"{'config':<18}{'peak MiB':>10}{'train MiB':>11}{'vs e2e':>8}{'s/step':>9}{'img/s':>8}")
+    for r in rows:
+        print(f"{r['config']:<18}{r['peak_mib']:>10.0f}{r['train_mib']:>11.0f}"
+              f"{r['train_mib'] / e2e['train_mib']:>8.2f}{r['step_s']:>9.2f}{r['images_per_s']:>8.2f}")
+    summary = {
+        "module_shares_of_saved_bytes": shares,
+        "sequential_peak_config": seq["config"],
+        "e2e_over_sequential_train_mem": e2e["train_mib"] / seq["train_mib"],
+        "e2e_over_joint_train_mem": e2e["train_mib"] / by["joint"]["train_mib"],
+        "e2e_over_joint_per_module_train_mem": e2e["train_mib"] / by["joint_per_module"]["train_mib"],
+        "sequential_over_largest_share_of_e2e": seq["train_mib"] / (max(shares) * e2e["train_mib"]),
+        "pipelined_over_joint_throughput": by["pipelined"]["images_per_s"] / by["joint"]["images_per_s"],
+    }
+    print(f"module shares of the saved activations: {', '.join(f'{s:.2f}' for s in shares)}")
+    print(f"end-to-end / sequential training memory: {summary['e2e_over_sequential_train_mem']:.2f}x "
+          f"(goal >= 2); sequential / (largest module share x e2e): "
+          f"{summary['sequential_over_largest_share_of_e2e']:.2f} (goal <= 1.2)")
+    print(f"end-to-end / joint: {summary['e2e_over_joint_train_mem']:.2f}x; end-to-end / joint_per_module: "
+          f"{summary['e2e_over_joint_per_module_train_mem']:.2f}x; pipelined ({args.workers} workers) / joint "
+          f"throughput: {summary['pipelined_over_joint_throughput']:.2f}x")
+    if args.out:
+        atomic_write_text(Path(args.out), json.dumps({"args": vars(args), "rows": rows, "summary": summary},
+                                                     indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
