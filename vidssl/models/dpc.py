@@ -134,11 +134,12 @@ class Stage:
     pred_steps: int
 
 
-def _stages(raw: list[dict[str, Any]] | None, num_blocks: int, pred_steps: int, total_steps: int,
+def _stages(raw: list[dict[str, Any]] | None, num_blocks: int, pred_steps: int, total_steps: int | None,
             prefix: str = "stages") -> list[Stage]:
-    """Check a curriculum (increasing ``until_step``, the last at ``total_steps``, blocks fit) and build it."""
+    """Check a curriculum (increasing ``until_step``, blocks fit, the last stage ending at ``total_steps`` unless it
+    is ``None``) and build it."""
     if not raw:
-        return [Stage(total_steps, num_blocks - pred_steps, pred_steps)]
+        return [Stage(total_steps or 1, num_blocks - pred_steps, pred_steps)]
     stages = []
     for i, st in enumerate(raw):
         if not isinstance(st, dict) or set(st) != {"until_step", "context", "pred_steps"}:
@@ -153,7 +154,7 @@ def _stages(raw: list[dict[str, Any]] | None, num_blocks: int, pred_steps: int, 
         if s.until_step < 1:
             raise ConfigError(f"{prefix}.{i}.until_step: must be >= 1, got {s.until_step}")
         stages.append(s)
-    if stages[-1].until_step != total_steps:
+    if total_steps is not None and stages[-1].until_step != total_steps:
         raise ConfigError(f"{prefix}.{len(stages) - 1}.until_step: the stages end at step {stages[-1].until_step}, "
                           f"the run has train.steps={total_steps}; the curriculum must add up to the run")
     return stages
@@ -186,9 +187,8 @@ class DPCParams:
             raise ConfigError(f"{prefix}.pred_steps: must lie in [1, num_blocks), got {self.pred_steps}")
         if not 0 <= self.random_gray <= 1 or not 0 <= self.dropout < 1:
             raise ConfigError(f"{prefix}.random_gray / dropout: must be probabilities")
-        _stages(self.stages, self.num_blocks, self.pred_steps, max([s.get("until_step", 1) for s in self.stages
-                                                                     if isinstance(s, dict)] or [1]),
-                prefix=f"{prefix}.stages")
+        _stages(self.stages, self.num_blocks, self.pred_steps, None, prefix=f"{prefix}.stages")  # the run length
+        # is checked when the objective is built (it knows train.steps)
 
 
 class DPC(Objective):
