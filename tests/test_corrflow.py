@@ -170,7 +170,7 @@ def test_forward_with_the_real_encoder_and_errors():
     m = CorrFlow(MASTEncoder(), keep_prob=0.0, jitter_prob=1.0)
     loss, logs = m({"video": torch.rand(1, 3, 3, 32, 32)}, generator=torch.Generator().manual_seed(0))
     loss.backward()
-    assert math.isfinite(float(loss.detach())) and m.encoder.conv1[0].weight.grad is not None
+    assert math.isfinite(float(loss.detach())) and float(m.encoder.conv1[0].weight.grad.abs().sum()) > 0
     assert logs["dropped_channels"] in (1.0, 2.0)
     with pytest.raises(ValueError, match="clip_len"):
         m({"video": torch.rand(1, 2, 3, 32, 32)})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torchvision
@@ -37,11 +38,15 @@ def test_resized_size_policies():
         resized_size(10, 10, resize="square")
 
 
-def test_resize_frames_exact_size():
-    frames = torch.randint(0, 256, (2, 3, 37, 51), dtype=torch.uint8)
-    out = resize_frames(frames, (20, 33))
-    assert out.shape == (2, 3, 20, 33) and out.dtype == torch.float32
-    assert 0.0 <= float(out.min()) and float(out.max()) <= 1.0
+def test_resize_frames_exact_size_like_opencv_inter_linear():
+    cv2 = pytest.importorskip("cv2")
+    frames = torch.randint(0, 256, (2, 3, 37, 51), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    for size in [(20, 33), (74, 102)]:  # down and up
+        out = resize_frames(frames, size)
+        assert out.shape == (2, 3, *size) and out.dtype == torch.float32
+        ref = [cv2.resize(f.permute(1, 2, 0).numpy().astype("float32") / 255, size[::-1], interpolation=cv2.INTER_LINEAR)
+               for f in frames]
+        torch.testing.assert_close(out, torch.from_numpy(np.stack(ref)).permute(0, 3, 1, 2), atol=1e-5, rtol=0)
     torch.testing.assert_close(resize_frames(frames, (37, 51)), frames.float() / 255)
 
 

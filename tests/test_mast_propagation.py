@@ -16,6 +16,8 @@ from vidssl.evaluation.mast_propagation import (corrflow_preset, labels_at_featu
 from vidssl.models.lab import normalise_lab, rgb_to_lab
 from vidssl.models.mast_encoder import MASTEncoder
 
+from davis_scores import rescored_j_mean  # tests/davis_scores.py
+
 
 def test_memory_bank_holds_the_official_frames():
     # benchmark.py --ref 0: long-term {0, 5} (<= i) + short-term {i, i-2, i-4} (> 0), sorted, for target i + 1
@@ -197,10 +199,7 @@ def test_checkpoint_round_trip_into_propagation(tmp_path):
 
 
 def test_propagate_cli_with_mast_preset(tmp_path):
-    """End to end through the runner once the lead has wired the ``mast`` preset and mast_resnet18 checkpoints."""
-    from vidssl.evaluation import presets
-
-    assert "mast" in presets.PRESETS
+    """End to end through the CLI and the runner: a random-init mast_resnet18 under the mast preset."""
     from vidssl.cli import main
 
     root = tmp_path / "davis"
@@ -210,5 +209,8 @@ def test_propagate_cli_with_mast_preset(tmp_path):
                "--year", "2016", "--split", "sample", "--out", str(out), "--no-progress"])
     assert rc == 0
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["preset"] == "mast" and 0.0 <= metrics["global"]["J&F-Mean"] <= 1.0
+    g = metrics["global"]
+    assert metrics["preset"] == "mast" and metrics["hyperparameters"]["window"]["radius"] == 12
+    assert g["J-Mean"] == pytest.approx(rescored_j_mean(root, out, ["a", "b"], year="2016"), abs=1e-6)
+    assert g["J&F-Mean"] == pytest.approx((g["J-Mean"] + g["F-Mean"]) / 2, abs=1e-6)
     assert sorted(os.listdir(out / "a")) == [f"{t:05d}.png" for t in range(4)]

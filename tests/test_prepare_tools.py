@@ -110,7 +110,9 @@ def test_prepare_folder_resumes_and_lists_failures(prep, tmp_path):
     res = prep.prepare(src, out, mode="videos", workers=2, progress=False, short_side=64, gop=5, preset="ultrafast")
     assert res["done"] == 2 and res["skipped"] == 0
     assert [Path(p).name for p, _ in res["failed"]] == ["broken.mp4"]
-    assert (out / "cls1" / "a.mp4").is_file() and (out / "cls2" / "b.mp4").is_file()
+    for name in ("cls1/a.mp4", "cls2/b.mp4"):  # 10 frames, short side 64, a keyframe every 5 frames
+        with PyAVReader(out / name) as r:
+            assert (r.num_frames, r.height, r.width, r.keyframe_indices) == (10, 64, 106, [0, 5]), name
     assert "broken.mp4" in (out / "failures.txt").read_text()
     mtime = (out / "cls1" / "a.mp4").stat().st_mtime_ns
     res2 = prep.prepare(src, out, mode="videos", workers=1, progress=False, short_side=64, gop=5, preset="ultrafast")
