@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 
-import av
 import numpy as np
 import pytest
 
@@ -23,19 +22,11 @@ from vidssl.data.synthetic import (
 from vidssl.io import write_video
 from vidssl.io.images import DAVIS_PALETTE, read_image, read_label_png
 
+from decoded import decode_all  # tests/decoded.py
+
 SMALL = SynthConfig(num_frames=8, height=64, width=64)
 STILL = dict(max_speed=0.0, max_rotation=0.0, scale_range=(1.0, 1.0), camera_pan=0.0, lighting_drift=0.0,
              noise_std=0.0)
-
-
-def _decode(path) -> tuple[list[np.ndarray], list[int], list[bool]]:
-    with av.open(str(path)) as container:
-        frames, pts, keys = [], [], []
-        for frame in container.decode(video=0):
-            frames.append(frame.to_ndarray(format="rgb24"))
-            pts.append(frame.pts)
-            keys.append(bool(frame.key_frame))
-    return frames, pts, keys
 
 
 def _visible(video) -> np.ndarray:
@@ -253,7 +244,7 @@ def test_write_videos(tmp_path):
     cfg = dataclasses.replace(SMALL, num_frames=4)
     paths = write_videos(tmp_path, cfg, num_videos=2, lossless=True)
     assert [p.name for p in paths] == ["synth-0000.mp4", "synth-0001.mp4"]
-    decoded, _, _ = _decode(paths[1])
+    decoded, _, _ = decode_all(paths[1])
     np.testing.assert_array_equal(np.stack(decoded), generate_video(1, cfg).frames)
 
 
@@ -289,7 +280,7 @@ def test_write_multishot(tmp_path):
     info = json.loads((tmp_path / "synth-shots-0001.json").read_text())
     m = generate_multishot(1, cfg, num_shots=3)
     assert info == {"num_frames": m.num_frames, "cuts": m.cuts, "fps": 25.0}
-    decoded, _, _ = _decode(paths[1])
+    decoded, _, _ = decode_all(paths[1])
     assert len(decoded) == m.num_frames
 
 
@@ -300,7 +291,7 @@ def test_frame_index_survives_lossy_coding(tmp_path):
     frames = frame_index_video(70, 32, 48)
     assert frames.shape == (70, 32, 48, 3) and frames.dtype == np.uint8
     assert [decode_frame_index(f) for f in frames] == list(range(70))
-    decoded, _, _ = _decode(write_video(tmp_path / "idx.mp4", frames, gop=10))
+    decoded, _, _ = decode_all(write_video(tmp_path / "idx.mp4", frames, gop=10))
     assert [decode_frame_index(f) for f in decoded] == list(range(70))
     assert decode_frame_index(frames[45].transpose(2, 0, 1)) == 45  # (3, H, W) works too
     with pytest.raises(ValueError, match="neither black nor white"):

@@ -12,24 +12,16 @@ import pytest
 from vidssl.data.synthetic import SynthConfig, generate_video
 from vidssl.io import write_video
 
+from decoded import decode_all  # tests/decoded.py
+
 SMALL = SynthConfig(num_frames=8, height=64, width=64)
-
-
-def _decode(path) -> tuple[list[np.ndarray], list[int], list[bool]]:
-    with av.open(str(path)) as container:
-        frames, pts, keys = [], [], []
-        for frame in container.decode(video=0):
-            frames.append(frame.to_ndarray(format="rgb24"))
-            pts.append(frame.pts)
-            keys.append(bool(frame.key_frame))
-    return frames, pts, keys
 
 
 @pytest.mark.parametrize("suffix", ["mp4", "mkv", "mov"])
 def test_lossless_round_trip_is_exact(tmp_path, suffix):
     frames = generate_video(0, dataclasses.replace(SMALL, height=33, width=47)).frames  # odd size is fine
     path = write_video(tmp_path / f"v.{suffix}", frames, lossless=True)
-    decoded, pts, _ = _decode(path)
+    decoded, pts, _ = decode_all(path)
     assert len(decoded) == len(frames)
     assert pts == sorted(set(pts))  # explicit, increasing timestamps
     for got, want in zip(decoded, frames):
@@ -40,7 +32,7 @@ def test_lossless_round_trip_is_exact(tmp_path, suffix):
 def test_lossy_exact_gop_rate_and_quality(tmp_path):
     frames = generate_video(2, dataclasses.replace(SMALL, num_frames=20)).frames
     path = write_video(tmp_path / "v.mp4", frames, fps=Fraction(30000, 1001), gop=6)
-    decoded, _, keys = _decode(path)
+    decoded, _, keys = decode_all(path)
     assert len(decoded) == 20 and decoded[0].shape == frames[0].shape
     assert [i for i, k in enumerate(keys) if k] == [0, 6, 12, 18]  # exactly every gop frames, no scene cuts
     error = np.mean([np.abs(a.astype(int) - b).mean() for a, b in zip(decoded, frames)])
@@ -55,7 +47,7 @@ def test_generator_of_frames_timestamps_rotation_and_options(tmp_path):
     pts = [0, 40, 80, 200, 240, 280, 400, 440]  # irregular gaps, time base 1/1000
     path = write_video(tmp_path / "v.mkv", (f for f in frames), lossless=True, pts=pts,
                        time_base=Fraction(1, 1000), rotation=90, options={"bframes": "0"})
-    decoded, got_pts, _ = _decode(path)
+    decoded, got_pts, _ = decode_all(path)
     assert got_pts == pts
     np.testing.assert_array_equal(np.stack(decoded), frames)
     with av.open(str(path)) as container:
