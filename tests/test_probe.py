@@ -43,9 +43,16 @@ def test_holdout_split_keeps_videos_together_and_falls_back_to_last_items():
     assert {groups[i] for i in fit} & {groups[i] for i in held if y[i] == 0} == set()
 
 
-def test_linear_probe_rejects_a_train_split_too_small_to_hold_out():
+def test_protocols_reject_bad_features_and_labels_naming_the_argument():
+    x, y = torch.randn(6, 3), torch.tensor([0, 0, 0, 1, 1, 1])
     with pytest.raises(ValueError, match="too small"):
-        probe.linear_probe(torch.randn(2, 3), torch.tensor([0, 1]), torch.randn(2, 3), torch.tensor([0, 1]))
+        probe.linear_probe(x[2:4], y[2:4], x, y)
+    with pytest.raises(ValueError, match="train_y: expected non-negative integer"):
+        probe.knn_classify(x, y.float(), x, y)
+    with pytest.raises(ValueError, match="num_classes: 1, but the labels go up to 1"):
+        probe.linear_probe(x, y, x, y, num_classes=1)
+    with pytest.raises(ValueError, match="test_x: expected \\(N, D\\)"):
+        probe.retrieval_recall(x, y, x[None], y)
 
 
 # --------------------------------------------------------------------------------------------- kNN / retrieval

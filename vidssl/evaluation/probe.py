@@ -93,6 +93,13 @@ def _check_xy(x: torch.Tensor, y: torch.Tensor, name: str) -> None:
         raise ValueError(f"{name}_x: features contain NaN or inf")
 
 
+def _num_classes(num_classes: int | None, train_y: torch.Tensor, test_y: torch.Tensor) -> int:
+    top = 1 + max(int(train_y.max()), int(test_y.max()))
+    if num_classes is not None and top > num_classes:
+        raise ValueError(f"num_classes: {num_classes}, but the labels go up to {top - 1}")
+    return int(num_classes or top)
+
+
 def standardise(train_x: torch.Tensor, *others: torch.Tensor) -> list[torch.Tensor]:
     """Subtract the train mean and divide by the train std (constant dimensions are divided by 1)."""
     mean = reduce(train_x, "n d -> d", "mean")  # d
@@ -148,10 +155,10 @@ def holdout_split(labels: torch.Tensor, groups: Sequence[Any] | None = None, fra
             held += [i for i in idx if groups[i] in out]
         elif len(idx) >= 2:
             held += idx[len(idx) - math.ceil(fraction * len(idx)):]
-    held_t = torch.tensor(sorted(held), dtype=torch.long)
-    mask = torch.ones(n, dtype=torch.bool)
-    mask[held_t] = False
-    return mask.nonzero().flatten(), held_t
+    held_t = torch.tensor(sorted(held), dtype=torch.long)  # n_held
+    keep = torch.ones(n, dtype=torch.bool)  # n
+    keep[held_t] = False
+    return keep.nonzero().flatten(), held_t  # (n_fit,), (n_held,)
 
 
 def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor, *,
@@ -174,7 +181,7 @@ def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Ten
         raise ValueError(f"test_x: {test_x.shape[1]} dims, train_x has {train_x.shape[1]}")
     if not l2_grid:
         raise ValueError("l2_grid: give at least one L2 strength")
-    k = int(num_classes or 1 + max(int(train_y.max()), int(test_y.max())))
+    k = _num_classes(num_classes, train_y, test_y)
     fit_i, val_i = holdout_split(train_y.cpu(), groups, val_fraction)
     if len(val_i) == 0 or len(fit_i) == 0:
         raise ValueError("linear probe: the train split is too small to hold out items for the L2 choice "
@@ -227,7 +234,7 @@ def knn_classify(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Ten
     """Weighted kNN accuracy (:func:`knn_scores`): ``top1`` (``top5`` above 5 classes), ``k`` used and requested."""
     _check_xy(train_x, train_y, "train")
     _check_xy(test_x, test_y, "test")
-    num_classes = int(num_classes or 1 + max(int(train_y.max()), int(test_y.max())))
+    num_classes = _num_classes(num_classes, train_y, test_y)
     votes = knn_scores(train_x, train_y, test_x, k=k, temperature=temperature, num_classes=num_classes)  # m k
     out = {"top1": topk_accuracy(votes, test_y), "k": min(k, train_x.shape[0]), "k_requested": k,
            "temperature": temperature, "num_train": int(train_x.shape[0]), "num_test": int(test_x.shape[0])}
@@ -440,8 +447,8 @@ def evaluate_features(seq: torch.Tensor, data: ProbeSet, *, protocols: Sequence[
     items = data.items
     labels = torch.tensor([it.label for it in items])  # n
     clip = reduce(seq, "n t c -> n c", "mean")  # n c
-    tr = torch.tensor([i for i, it in enumerate(items) if it.split == "train"])
-    te = torch.tensor([i for i, it in enumerate(items) if it.split == "test"])
+    tr = torch.tensor([i for i, it in enumerate(items) if it.split == "train"])  # n_train
+    te = torch.tensor([i for i, it in enumerate(items) if it.split == "test"])  # n_test
     k = len(data.classes)
     out: dict[str, Any] = {}
     timings: dict[str, float] = {}
