@@ -228,6 +228,15 @@ def test_row_cpc_loss_matches_a_loop_reference():
     assert float(l2) == pytest.approx(math.log(8), rel=1e-5) and lg["mi_bound_nats"] == pytest.approx(0, abs=1e-5)
 
 
+def test_temperature_scores_are_cosine_over_tau():
+    codes = torch.randn(2, 4, 4, 3, generator=torch.Generator().manual_seed(0))
+    preds = torch.nn.ModuleList([torch.nn.Conv2d(4, 4, 1, bias=False)])
+    loss, _ = row_cpc_loss(codes * 100, preds, negatives="batch_all", temperature=0.5)
+    scaled, _ = row_cpc_loss(codes, preds, negatives="batch_all", temperature=0.5)
+    torch.testing.assert_close(loss, scaled)  # scale-free: cosine
+    assert float(loss) < math.log(2 * 2 * 3) + 2 / 0.5  # bounded logits: |s| <= 1 / tau
+
+
 def test_patchify_is_row_major():
     img = torch.arange(16.0).reshape(1, 1, 4, 4)
     patches, grid = patchify(img, patch=2, stride=2)

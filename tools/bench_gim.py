@@ -19,6 +19,13 @@ Usage (one CPU slot, one thread per configuration; pipelined uses ``--workers`` 
 
     /work/heavy python tools/bench_gim.py --encoder gim_resnet34 --batch 8 --crop 64 --out runs/bench_gim.json
 
+Per-module probes (``--probe RUN``): every frame of the held-out DAVIS sequences (``--davis-root``, ``--sequences``),
+short side resized to ``--crop`` and centre-cropped, cut into the run's patch grid; each module's maps are
+average-pooled per patch. Two linear probes (:func:`vidssl.evaluation.probe.linear_probe`), fitted on the first half
+of each sequence's frames and tested on the second half: the sequence of a frame (codes averaged over the grid, GIM's
+downstream pooling) and whether a patch is foreground in the DAVIS mask (per-patch codes, classes balanced); for the
+trained run and the same config at random init (``--seeds``).
+
 Baselines for evaluations that read a checkpoint (``vidssl propagate``): ``--random-init RUN --out DIR`` writes DIR as
 a run folder whose step-0 checkpoint is RUN's config at random initialisation, seeded as the trainer seeds it.
 """
@@ -148,6 +155,99 @@ def random_init_run(run: str, out: str) -> Path:
     return save_checkpoint(out, step=0, weights=model.state_dict(), trainer_state={"step": 0}, config=to_dict(cfg))
 
 
+def _square(img, size: int, resample):
+    """Short side resized to ``size``, centre-cropped to ``size`` x ``size``."""
+    w, h = img.size
+    img = img.resize((round(w * size / min(w, h)), round(h * size / min(w, h))), resample)
+    w, h = img.size
+    return img.crop(((w - size) // 2, (h - size) // 2, (w - size) // 2 + size, (h - size) // 2 + size))
+
+
+def held_out_frames(root: str, sequences: list[str], size: int):
+    """Frames ``(N, 3, size, size)`` normalised like training (ImageNet statistics), their foreground masks
+    ``(N, 1, size, size)``, sequence labels ``(N,)`` and the train mask (first half of each sequence)."""
+    import numpy as np
+    from PIL import Image
+
+    mean = torch.tensor([0.485, 0.456, 0.406])[:, None, None]
+    std = torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+    frames, masks, labels, train = [], [], [], []
+    for k, seq in enumerate(sequences):
+        files = sorted((Path(root) / "JPEGImages" / "480p" / seq).glob("*.jpg"))
+        if not files:
+            raise SystemExit(f"bench_gim: --davis-root {root}: no frames for sequence {seq!r}")
+        for i, f in enumerate(files):
+            rgb = np.asarray(_square(Image.open(f).convert("RGB"), size, Image.BILINEAR), dtype=np.float32)
+            frames.append((torch.from_numpy(rgb).permute(2, 0, 1) / 255 - mean) / std)  # 3 s s
+            ann = Path(root) / "Annotations" / "480p" / seq / (f.stem + ".png")
+            mask = np.asarray(_square(Image.open(ann).convert("L"), size, Image.NEAREST)) > 0
+            masks.append(torch.from_numpy(mask)[None].float())  # 1 s s
+            labels.append(k)
+            train.append(i < len(files) // 2)
+    return torch.stack(frames), torch.stack(masks), torch.tensor(labels), torch.tensor(train)
+
+
+@torch.no_grad()
+def module_features(model: GIM, frames: torch.Tensor, batch: int = 16) -> list[torch.Tensor]:
+    """Each module's per-patch codes ``[(N, gh * gw, C_m)]`` (its maps average-pooled per patch)."""
+    from vidssl.models.cpc import patchify
+
+    model.eval()
+    out: list[list[torch.Tensor]] = [[] for _ in model.blocks]
+    for i in range(0, len(frames), batch):
+        x, grid = patchify(frames[i:i + batch], patch=model.patch, stride=model.patch_stride)  # (n g) 3 p p
+        for m, blk in enumerate(model.blocks):
+            x = blk(x)  # (n g) C h w
+            out[m].append(x.mean(dim=(-2, -1)).reshape(-1, grid[0] * grid[1], x.shape[1]))  # n g C
+    return [torch.cat(o) for o in out]
+
+
+def _balanced(y: torch.Tensor, seed: int) -> torch.Tensor:
+    """Indices with as many items of each class as the rarest class has (seeded)."""
+    g = torch.Generator().manual_seed(seed)
+    n = min(int((y == c).sum()) for c in y.unique())
+    return torch.cat([torch.nonzero(y == c)[:, 0][torch.randperm(int((y == c).sum()), generator=g)[:n]]
+                      for c in y.unique()])
+
+
+def probe_modules(args) -> dict:
+    """Per-module linear probes of a GIM run and of its config at random init (see the module docstring)."""
+    from vidssl.engine import build_training_model, model_from_checkpoint
+    from vidssl.evaluation.probe import linear_probe
+    from vidssl.models.cpc import patchify
+
+    torch.set_num_threads(1)
+    trained, cfg, step = model_from_checkpoint(args.probe)
+    frames, masks, labels, train = held_out_frames(args.davis_root, args.sequences.split(","), args.crop)
+    models = {"trained": trained}
+    for seed in [int(s) for s in args.seeds.split(",")]:
+        torch.manual_seed(seed)
+        models[f"random_init_seed{seed}"] = build_training_model(cfg)
+    report = {"run": args.probe, "step": step, "frames": len(frames), "sequences": args.sequences, "crop": args.crop,
+              "sequence_protocol": "frame -> sequence (grid-pooled codes), first half of each sequence's frames "
+                                   "-> second half",
+              "foreground_protocol": "patch -> foreground (>= half of its pixels in the DAVIS mask), per-patch codes, "
+                                     "classes balanced by subsampling, first half -> second half", "sequence": {},
+              "foreground": {}}
+    for name, full in models.items():
+        gim = next(iter(full.objectives.values()))
+        if not isinstance(gim, GIM):
+            raise SystemExit(f"bench_gim: --probe {args.probe}: not a gim run")
+        fg_all = patchify(masks, patch=gim.patch, stride=gim.patch_stride)[0].mean(dim=(1, 2, 3)) >= 0.5  # (N g)
+        fg_all = fg_all.reshape(len(frames), -1)  # N g
+        tr, te = _balanced(fg_all[train].flatten().long(), 0), _balanced(fg_all[~train].flatten().long(), 1)
+        seq, fg = [], []
+        for f in module_features(gim, frames):  # N g C
+            seq.append(linear_probe(f[train].mean(1), labels[train], f[~train].mean(1), labels[~train])["top1"])
+            ftr, fte = f[train].flatten(0, 1)[tr], f[~train].flatten(0, 1)[te]  # n C
+            fg.append(linear_probe(ftr, fg_all[train].flatten()[tr].long(), fte,
+                                   fg_all[~train].flatten()[te].long())["top1"])
+        report["sequence"][name], report["foreground"][name] = seq, fg
+        print(f"{name:<22} sequence" + "".join(f"  m{m}: {a:.3f}" for m, a in enumerate(seq))
+              + "   foreground" + "".join(f"  m{m}: {a:.3f}" for m, a in enumerate(fg)), flush=True)
+    return report
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--encoder", default="gim_resnet34", help="a registered stage-structured encoder")
@@ -161,8 +261,17 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", help="write the table as JSON here")
     ap.add_argument("--random-init", metavar="RUN", help="write --out as RUN's config at random init (step 0)")
+    ap.add_argument("--probe", metavar="RUN", help="per-module linear probes of a gim run vs random init")
+    ap.add_argument("--davis-root", default="../shared/data/davis2016-sample")
+    ap.add_argument("--sequences", default="dog-agility,rollerblade,motorbike,surf")
+    ap.add_argument("--seeds", default="0,1,2", help="random-init seeds of the probe baseline")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.probe:
+        report = probe_modules(args)
+        if args.out:
+            atomic_write_text(Path(args.out), json.dumps(report, indent=2) + "\n")
+        return 0
     if args.random_init:
         if not args.out:
             raise SystemExit("bench_gim: --random-init needs --out DIR (the run folder to write)")

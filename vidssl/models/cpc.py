@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from vidssl.config import ConfigError
-from vidssl.losses.contrastive import contrastive_logs, info_nce
+from vidssl.losses.contrastive import contrastive_logs, in_batch_scores, info_nce
 from vidssl.models.objective import BuildContext, DataNeeds, Objective
 
 __all__ = ["CPC", "RowCPCHead", "patch_grid", "patchify", "row_cpc_loss"]
@@ -65,7 +65,8 @@ def patch_grid(features: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
 
 def row_cpc_loss(codes: torch.Tensor, predictors: nn.ModuleList, *, skip: int = 1,
                  negatives: Literal["batch_sampled", "batch_all"] = "batch_sampled", num_negatives: int = 16,
-                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+                 temperature: float = 0.0, generator: torch.Generator | None = None
+                 ) -> tuple[torch.Tensor, dict[str, float]]:
     """GIM's vision InfoNCE over a code grid (see the module docstring).
 
     Args:
@@ -74,6 +75,8 @@ def row_cpc_loss(codes: torch.Tensor, predictors: nn.ModuleList, *, skip: int = 
         skip: rows skipped before the first target row (GIM: 1, the adjacent overlapping row).
         negatives: ``"batch_sampled"`` or ``"batch_all"``.
         num_negatives: negatives per row for ``batch_sampled``.
+        temperature: 0 = raw dot products (CPC/GIM); > 0 = cosine similarity divided by it (bounded logits, spec
+            5.9.2; not in GIM).
 
     Returns:
         the loss averaged over horizons, and logs (``loss``, ``mi_bound_nats``, ``top1``, ``num_candidates``,
@@ -92,10 +95,13 @@ def row_cpc_loss(codes: torch.Tensor, predictors: nn.ModuleList, *, skip: int = 
         context = codes[:, :, : rows - off]  # b c (R-off) W
         ctx_rows = einops.rearrange(context, "b c r w -> (b r w) c")  # M c
         fut_rows = einops.rearrange(future, "b c r w -> (b r w) c")  # M c
-        if negatives == "batch_all":
-            scores = einops.einsum(ctx_rows, fut_rows, "m c, n c -> m n")  # M M, positive on the diagonal
-            target = None
+        if negatives == "batch_all":  # M M, positive on the diagonal
+            scores, target = in_batch_scores(ctx_rows, fut_rows, temperature=temperature or 1.0,
+                                             normalize=temperature > 0)
         else:
+            if temperature > 0:
+                ctx_rows = F.normalize(ctx_rows.float(), dim=-1) / temperature  # M c
+                fut_rows = F.normalize(fut_rows.float(), dim=-1)  # M c
             m = ctx_rows.shape[0]
             idx = torch.randint(0, m, (m, num_negatives), generator=generator,
                                 device=generator.device if generator is not None else codes.device)
@@ -121,20 +127,22 @@ class RowCPCHead(nn.Module):
         skip: rows skipped before the first target (GIM ``skip_step``: 1).
         negatives: ``"batch_sampled"`` (GIM) or ``"batch_all"``.
         num_negatives: negatives per row for ``batch_sampled`` (GIM: 16).
+        temperature: 0 = raw dot products (GIM); > 0 = cosine / temperature (not in GIM).
     """
 
     def __init__(self, channels: int, *, pred_steps: int = 5, skip: int = 1,
-                 negatives: Literal["batch_sampled", "batch_all"] = "batch_sampled", num_negatives: int = 16) -> None:
+                 negatives: Literal["batch_sampled", "batch_all"] = "batch_sampled", num_negatives: int = 16,
+                 temperature: float = 0.0) -> None:
         super().__init__()
         if negatives not in NEGATIVES:
             raise ValueError(f"negatives: {negatives!r}; expected one of {NEGATIVES}")
         self.predictors = nn.ModuleList(nn.Conv2d(channels, channels, 1, bias=False) for _ in range(pred_steps))
-        self.skip, self.negatives, self.num_negatives = skip, negatives, num_negatives
+        self.skip, self.negatives, self.num_negatives, self.temperature = skip, negatives, num_negatives, temperature
 
     def forward(self, codes: torch.Tensor, generator: torch.Generator | None = None):
         """``codes`` ``(B, C, R, W)`` -> ``(loss, logs)``."""
         return row_cpc_loss(codes, self.predictors, skip=self.skip, negatives=self.negatives,
-                            num_negatives=self.num_negatives, generator=generator)
+                            num_negatives=self.num_negatives, temperature=self.temperature, generator=generator)
 
 
 @dataclass
@@ -145,6 +153,7 @@ class CPCParams:
     skip: int = 1  #: rows skipped before the first target row (GIM skip_step: 1)
     negatives: Literal["batch_sampled", "batch_all"] = "batch_sampled"  #: GIM draws 16 from the batch
     num_negatives: int = 16  #: negatives per row (batch_sampled)
+    temperature: float = 0.0  #: 0 = raw dot-product scores (GIM); > 0 = cosine / temperature (not in GIM)
     patch: int = 16  #: patch side in pixels (GIM: 16)
     patch_stride: int = 8  #: patch step (GIM: 8, half-overlapping)
 
@@ -155,6 +164,8 @@ class CPCParams:
             raise ConfigError(f"{prefix}.skip: must be >= 0, got {self.skip}")
         if self.num_negatives < 1:
             raise ConfigError(f"{prefix}.num_negatives: must be >= 1, got {self.num_negatives}")
+        if self.temperature < 0:
+            raise ConfigError(f"{prefix}.temperature: must be >= 0 (0 = raw dot products), got {self.temperature}")
         if self.patch < 1 or self.patch_stride < 1:
             raise ConfigError(f"{prefix}.patch / patch_stride: must be >= 1")
 
@@ -172,7 +183,7 @@ class CPC(Objective):
 
     Args:
         encoder: frame encoder ``(M, 3, p, p) -> (M, C, h, w)`` (any registered one; GIM's is ``gim_resnet50``).
-        pred_steps, skip, negatives, num_negatives: see :class:`RowCPCHead`.
+        pred_steps, skip, negatives, num_negatives, temperature: see :class:`RowCPCHead`.
         patch, patch_stride: the patch grid (GIM: 16, 8).
     """
 
@@ -186,15 +197,16 @@ class CPC(Objective):
     @classmethod
     def from_params(cls, encoder: nn.Module, params: CPCParams, ctx: BuildContext) -> "CPC":
         return cls(encoder, pred_steps=params.pred_steps, skip=params.skip, negatives=params.negatives,
-                   num_negatives=params.num_negatives, patch=params.patch, patch_stride=params.patch_stride)
+                   num_negatives=params.num_negatives, temperature=params.temperature, patch=params.patch,
+                   patch_stride=params.patch_stride)
 
     def __init__(self, encoder: nn.Module, *, pred_steps: int = 5, skip: int = 1,
                  negatives: Literal["batch_sampled", "batch_all"] = "batch_sampled", num_negatives: int = 16,
-                 patch: int = 16, patch_stride: int = 8) -> None:
+                 temperature: float = 0.0, patch: int = 16, patch_stride: int = 8) -> None:
         super().__init__()
         self.encoder = encoder
         self.head = RowCPCHead(encoder.out_channels, pred_steps=pred_steps, skip=skip, negatives=negatives,
-                               num_negatives=num_negatives)
+                               num_negatives=num_negatives, temperature=temperature)
         self.patch, self.patch_stride = patch, patch_stride
 
     def forward(self, batch: dict, generator: torch.Generator | None = None):

@@ -229,7 +229,8 @@ class DPC(Objective):
         if negatives not in _KEEP:
             raise ValueError(f"negatives: {negatives!r}; expected one of {sorted(_KEEP)}")
         self.encoder = encoder
-        self.num_blocks, self.block_len, self.negatives, self.random_gray = num_blocks, block_len, negatives, random_gray
+        self.num_blocks, self.block_len = num_blocks, block_len
+        self.negatives, self.random_gray = negatives, random_gray
         self.stages = _stages(stages, num_blocks, pred_steps, total_steps)
         channels = encoder.out_channels
         hidden = hidden or channels

@@ -248,6 +248,7 @@ class GIMParams:
     skip: int = 1  #: rows skipped before the first target (GIM: 1)
     negatives: Literal["batch_sampled", "batch_all"] = "batch_sampled"  #: GIM: 16 sampled from the batch
     num_negatives: int = 16  #: negatives per row (batch_sampled)
+    temperature: float = 0.0  #: 0 = raw dot-product scores (GIM); > 0 = cosine / temperature (not in GIM)
     patch: int = 16  #: patch side (GIM: 16)
     patch_stride: int = 8  #: patch step (GIM: 8)
 
@@ -262,8 +263,9 @@ class GIMParams:
         if self.module_steps and len(self.module_steps) != len(self.splits):
             raise ConfigError(f"{prefix}.module_steps: {len(self.module_steps)} entries for {len(self.splits)} "
                               "modules (splits)")
-        if self.pred_steps < 1 or self.num_negatives < 1 or self.skip < 0:
-            raise ConfigError(f"{prefix}.pred_steps / num_negatives / skip: must be >= 1 / >= 1 / >= 0")
+        if self.pred_steps < 1 or self.num_negatives < 1 or self.skip < 0 or self.temperature < 0:
+            raise ConfigError(f"{prefix}.pred_steps / num_negatives / skip / temperature: must be >= 1 / >= 1 / >= 0 "
+                              "/ >= 0")
 
 
 class GIM(Objective):
@@ -276,7 +278,8 @@ class GIM(Objective):
         backward: joint mode: ``"summed"`` (official) or ``"per_module"``.
         module_steps: sequential: steps per module (empty: equal split of ``total_steps``).
         workers: pipelined: worker threads.
-        pred_steps, skip, negatives, num_negatives: each head's CPC loss (:class:`~vidssl.models.cpc.RowCPCHead`).
+        pred_steps, skip, negatives, num_negatives, temperature: each head's CPC loss
+            (:class:`~vidssl.models.cpc.RowCPCHead`).
         patch, patch_stride: the patch grid.
         total_steps: the run length (``module_steps`` must add up to it).
     """
@@ -294,12 +297,13 @@ class GIM(Objective):
         return cls(encoder, splits=params.splits, mode=params.mode, backward=params.backward,
                    module_steps=params.module_steps, workers=params.workers, pred_steps=params.pred_steps,
                    skip=params.skip, negatives=params.negatives, num_negatives=params.num_negatives,
-                   patch=params.patch, patch_stride=params.patch_stride, total_steps=ctx.total_steps)
+                   temperature=params.temperature, patch=params.patch, patch_stride=params.patch_stride,
+                   total_steps=ctx.total_steps)
 
     def __init__(self, encoder: nn.Module, *, splits: list[str] = ("layer1", "layer2", "layer3"),
                  mode: str = "joint", backward: str = "summed", module_steps: list[int] = (), workers: int = 2,
                  pred_steps: int = 5, skip: int = 1, negatives: str = "batch_sampled", num_negatives: int = 16,
-                 patch: int = 16, patch_stride: int = 8, total_steps: int = 1) -> None:
+                 temperature: float = 0.0, patch: int = 16, patch_stride: int = 8, total_steps: int = 1) -> None:
         super().__init__()
         if mode not in ("joint", "sequential", "pipelined"):
             raise ConfigError(f"mode: {mode!r}; expected joint, sequential or pipelined")
@@ -309,7 +313,8 @@ class GIM(Objective):
         self.blocks = encoder_modules(encoder, list(splits))  # plain list: parameters live in encoder
         m = len(self.blocks)
         self.heads = nn.ModuleList(RowCPCHead(encoder.channels_at(s), pred_steps=pred_steps, skip=skip,
-                                              negatives=negatives, num_negatives=num_negatives) for s in splits)
+                                              negatives=negatives, num_negatives=num_negatives,
+                                              temperature=temperature) for s in splits)
         self.mode, self.backward, self.patch, self.patch_stride = mode, backward, patch, patch_stride
         if mode == "pipelined" and not 1 <= workers <= m:
             raise ConfigError(f"workers: {workers} pipelined workers for {m} modules (splits); at most one per module")
