@@ -116,11 +116,14 @@ def test_arrow_probe_scores_chance_on_order_free_features(one_thread):
     assert probe.arrow_of_time_probe(const, const, l2_grid=(1e-2,))["top1"] == pytest.approx(0.5)
 
 
-def test_arrow_split_is_video_disjoint():
+def test_arrow_folds_are_video_disjoint():
     items = [labelled.ProbeItem(v, (0, 1), 0, v, s) for v in ("a", "b", "c") for s in ("train", "test")]
-    tr, te, how = probe.arrow_split(items)
-    assert {items[i].video for i in tr} == {"a", "c"} and {items[i].video for i in te} == {"b"}
-    assert "alternately" in how
+    folds, how = probe.arrow_folds(items)
+    assert [sorted({items[i].video for i in te}) for _, te in folds] == [["a"], ["b"], ["c"]]
+    assert all(not {items[i].video for i in tr} & {items[i].video for i in te} for tr, te in folds)
+    assert len(folds[0][0]) == 4 and "leave-one-video-out" in how
+    disjoint = [labelled.ProbeItem(v, (0, 1), 0, v, s) for v, s in (("a", "train"), ("b", "test"))]
+    assert probe.arrow_folds(disjoint)[0] == [([0], [1])]
 
 
 # ------------------------------------------------------------------------------------------------------ inputs

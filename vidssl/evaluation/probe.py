@@ -51,6 +51,7 @@ __all__ = [
     "PROTOCOLS",
     "RETRIEVAL_KS",
     "FrameFeatures",
+    "arrow_folds",
     "arrow_of_time_probe",
     "clip_features",
     "evaluate_features",
@@ -393,27 +394,25 @@ def clip_features(items: Sequence[ProbeItem], features: FrameFeatures, *, batch_
 
 
 # ============================================================================================ protocols on a set
-def arrow_split(items: Sequence[ProbeItem]) -> tuple[list[int], list[int], str]:
-    """Clip indices ``(train, test)`` on disjoint videos for the arrow-of-time probe, and how they were chosen.
+def arrow_folds(items: Sequence[ProbeItem]) -> tuple[list[tuple[list[int], list[int]]], str]:
+    """Folds ``[(train clip indices, test clip indices)]`` on disjoint videos for the arrow-of-time probe.
 
-    When the train and test splits share no video they are used as they are. Otherwise (frame folders: both halves
-    come from every video) the distinct videos, sorted by name, go alternately to train and test (first to train),
-    and all clips of a video follow it.
+    When the train and test splits share no video they are the one fold. Otherwise (frame folders: both halves come
+    from every video) leave-one-video-out: each video (sorted by name) is the test set once, with all its clips (both
+    time halves), and the other videos train.
     """
     train_v = {it.video for it in items if it.split == "train"}
     test_v = {it.video for it in items if it.split == "test"}
     if not train_v & test_v:
-        return ([i for i, it in enumerate(items) if it.split == "train"],
-                [i for i, it in enumerate(items) if it.split == "test"], "the train/test split (disjoint videos)")
+        return ([([i for i, it in enumerate(items) if it.split == "train"],
+                  [i for i, it in enumerate(items) if it.split == "test"])], "the train/test split (disjoint videos)")
     videos = sorted(train_v | test_v)
     if len(videos) < 2:
         raise ValueError("arrow-of-time probe: needs clips of at least 2 videos (train and test videos differ)")
-    to_train = set(videos[0::2])
-    names = [Path(v).name for v in videos]
-    how = (f"videos sorted by name go alternately to train and test, all clips of a video (both time halves) "
-           f"follow it: train {names[0::2]}, test {names[1::2]}")
-    return ([i for i, it in enumerate(items) if it.video in to_train],
-            [i for i, it in enumerate(items) if it.video not in to_train], how)
+    folds = [([i for i, it in enumerate(items) if it.video != v], [i for i, it in enumerate(items) if it.video == v])
+             for v in videos]
+    return folds, (f"leave-one-video-out over {len(videos)} videos (all clips of a video, both time halves, in the "
+                   "same fold); top1 pooled over the folds' test samples")
 
 
 def protocol_strings(*, l2_grid: Sequence[float] = DEFAULT_L2, knn_ks: Sequence[int] = KNN_KS,
@@ -432,8 +431,9 @@ def protocol_strings(*, l2_grid: Sequence[float] = DEFAULT_L2, knn_ks: Sequence[
                       "train clip among the top k (k capped at the train size)"),
         "arrow": ("forward vs time-reversed: clip feature = per-frame pooled features concatenated in time order "
                   "(T*C dims; the reversed clip = the same frames concatenated in reverse order), label 1 forward / "
-                  "0 reversed, the linear-probe protocol above (2 classes) trained and tested on disjoint videos; "
-                  "test top-1 (chance 0.5)"),
+                  "0 reversed, the linear-probe protocol above (2 classes) trained and tested on disjoint videos "
+                  "(the train/test split when its videos are disjoint, else leave-one-video-out); test top-1 "
+                  "(chance 0.5)"),
     }
 
 
@@ -470,10 +470,16 @@ def evaluate_features(seq: torch.Tensor, data: ProbeSet, *, protocols: Sequence[
         if seq.shape[1] < 2:
             out["arrow"] = {"skipped": "clips of 1 frame have no temporal order (images, or clip_len 1)"}
         else:
-            a_tr, a_te, how = arrow_split(items)
-            out["arrow"] = arrow_of_time_probe(seq[a_tr], seq[a_te], train_groups=[items[i].video for i in a_tr],
-                                               l2_grid=l2_grid)
-            out["arrow"]["split"] = how
+            folds, how = arrow_folds(items)
+            rows = []
+            for a_tr, a_te in folds:
+                r = arrow_of_time_probe(seq[a_tr], seq[a_te], train_groups=[items[i].video for i in a_tr],
+                                        l2_grid=l2_grid)
+                rows.append({"test_videos": sorted({Path(items[i].video).name for i in a_te}), "top1": r["top1"],
+                             "l2": r["l2"], "num_test": r["num_test"], "train_top1": r["train_top1"]})
+            n_test = sum(r["num_test"] for r in rows)
+            out["arrow"] = {"top1": sum(r["top1"] * r["num_test"] for r in rows) / n_test, "num_test": n_test,
+                            "dim": int(seq.shape[1] * seq.shape[2]), "chance": 0.5, "split": how, "folds": rows}
         timings["arrow"] = time.perf_counter() - t0
     out["timings_s"] = timings
     return out
