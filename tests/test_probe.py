@@ -212,6 +212,26 @@ def test_video_folder_without_splits_keeps_videos_disjoint(tmp_path):
     assert tr and te and not {it.video for it in tr} & {it.video for it in te}
 
 
+def test_clip_features_encode_each_frame_once_in_bounded_batches(monkeypatch):
+    calls = []
+
+    class Crop(torch.nn.Module):
+        def forward(self, x):  # b 3 8 8 -> b 3 2 2
+            calls.append(x.shape[0])
+            return x[:, :, :2, :2]
+
+    def read(path, idx):
+        return torch.stack([torch.full((3, 8, 8), 10 * int(path) + i, dtype=torch.uint8) for i in idx])
+
+    monkeypatch.setattr(probe, "read_item_frames", read)
+    items = [labelled.ProbeItem(str(p), (i, i + 1), 0, str(p), "train") for p in range(3) for i in range(9)]
+    ff = probe.FrameFeatures(Crop(), None, size=8)
+    seq = probe.clip_features(items, ff, batch_size=4)
+    assert sum(calls) == 30 and max(calls) <= 4  # 3 videos x 10 distinct frames
+    one_by_one = torch.stack([torch.stack([ff(read(it.path, [f]))[0] for f in it.frames]) for it in items])
+    assert torch.equal(seq, one_by_one) and seq.shape == (27, 2, 3)
+
+
 # ---------------------------------------------------------------------------------------- runner and the CLI
 def test_cli_end_to_end_on_images_and_frames(tmp_path, one_thread, capsys):
     from vidssl.cli import main

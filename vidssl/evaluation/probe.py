@@ -382,10 +382,12 @@ def clip_features(items: Sequence[ProbeItem], features: FrameFeatures, *, batch_
             pending.clear()
 
     for path, frames in wanted.items():
-        for start in range(0, len(frames), batch_size):
-            idx = frames[start:start + batch_size]
+        start = 0
+        while start < len(frames):  # every encoder call gets at most batch_size frames
+            idx = frames[start:start + batch_size - len(keys)]
             pending.append(features.preprocess(read_item_frames(path, idx)))  # t 3 s s
             keys.extend((path, i) for i in idx)
+            start += len(idx)
             if len(keys) >= batch_size:
                 flush()
     flush()
