@@ -150,6 +150,10 @@ def test_image_folder_errors_name_the_folder(tmp_path):
     _image_folder(tmp_path / "one", classes=("cat",))
     with pytest.raises(ValueError, match="one.*1 class"):
         labelled.image_folder_set(tmp_path / "one")
+    given = tmp_path / "given"
+    _image_folder(given / "train", per_class=3), _image_folder(given / "test", per_class=1)
+    data = labelled.image_folder_set(given)
+    assert data.classes == ["cat", "dog"] and data.counts()["test"]["clips"] == 2 and "is test" in data.protocol
     root = _image_folder(tmp_path / "two")
     (root / "empty").mkdir()
     with pytest.raises(ValueError, match=r"empty: empty class folder"):
