@@ -1,18 +1,21 @@
 #!/usr/bin/env python
 """Shot-boundary benchmark: precision/recall of the cuts and detector throughput, vidssl vs PySceneDetect.
 
-    /work/heavy python tools/bench_shots.py --out shots_bench.json      # ~3-5 min on one core
+    /work/heavy python tools/bench_shots.py --out shots_bench.json      # ~6 min on one core (videos written)
+    /work/heavy python tools/bench_shots.py --workdir DIR ...            # keeps (and reuses) the videos in DIR
+    /work/heavy python tools/bench_shots.py --no-pyscenedetect --grid size=32,64 --grid k=2,3   # tuning
 
 Datasets (all videos written to a temporary folder, never into the repository):
 
 (a) ``synthetic``: 6 videos from :func:`vidssl.data.synthetic.generate_multishot` (5 shots each, 160x128, camera
-    pan 3 px/frame, moving textured objects), H.264 at 25 fps. In every video the 2nd and 4th boundaries are turned
-    into fades through black (``fade`` frames out, 0-3 black frames, ``fade`` frames in; the new shot starts in the
-    middle), and one single-frame white flash is put inside a shot (a detection there is a false positive).
+    pan 3 px/frame, moving textured objects), H.264 at 25 fps (x264 preset veryfast). In every video the 2nd and 4th
+    boundaries are turned into fades through black (6 frames out, 0-3 black frames, 6 frames in; the new shot starts
+    after the black), and one single-frame white flash is put inside a shot (a detection there is a false positive).
 (b) ``bikes``: ``../shared/data/videos/bikes.mp4`` (new shots at 30, 76, 137, 187, 242) -- held out, never tuned on;
     plus the no-cut controls ``bigbuckbunny.mp4``, ``carphone_*.mp4`` (every detection is a false positive).
 (c) ``davis``: the 12 DAVIS-2016 sample sequences concatenated in 3 random orders (4 sequences per video, 854x480
-    JPEG frames -> H.264 25 fps), hard cuts at the joins; ``davis-fade``: the same joins as fades through black.
+    JPEG frames -> H.264 25 fps, x264 preset veryfast), hard cuts at the joins; ``davis-fade``: the same joins as
+    fades through black (8 frames out, 0-3 black, 8 in).
 
 Matching: a detected cut matches a true hard cut within +-``tolerance`` frames (1), a fade anywhere in its span
 (first faded frame .. last faded frame + 1); each true cut is matched at most once (nearest detection first).
@@ -108,7 +111,7 @@ def synthetic_videos(workdir: Path, num_videos: int = 6) -> list[dict]:
         starts = [0] + [e for _, e in truth]  # first frame after each cut or fade
         flash = starts[shot] + 9
         frames[flash] = np.clip(frames[flash].astype(np.int16) + 160, 0, 255).astype(np.uint8)
-        write_video(path, frames, fps=25)
+        write_video(path, frames, fps=25, preset="veryfast")
         return {"dataset": "synthetic", "truth": truth, "flash": flash}
 
     return [cached(workdir, f"synth-{i}", lambda path, i=i: make(i, path)) for i in range(num_videos)]
@@ -126,7 +129,7 @@ def davis_videos(workdir: Path, root: Path, orders: int = 3, per_video: int = 4,
     def make(seqs: list[str], rng: np.random.Generator, path: Path) -> dict:
         frames, truth = join([sequence(s) for s in seqs], set(range(per_video - 1)) if fade else set(), fade=8,
                              rng=rng)
-        write_video(path, frames, fps=25)
+        write_video(path, frames, fps=25, preset="veryfast")
         return {"dataset": "davis-fade" if fade else "davis", "truth": truth, "sequences": seqs}
 
     out = []

@@ -3,9 +3,9 @@
 The content detector (the toolkit's own; VIVI's paper names no detector, see the temporal-methods notes §4.5):
 
 1. **Features** (:func:`frame_features`, batched tensor ops on the frames' device): every frame is subsampled by the
-   integer stride that keeps its short side >= ``2 * size``, then resized (bilinear, antialiased) to ``size x size``, converted to HSV (or kept RGB) and split into a ``grid x grid`` layout; each cell
-   gets one ``bins``-bin histogram per channel, normalised to sum 1. The mean luma (BT.601) of the frame is kept for
-   the fade rule.
+   integer stride that keeps its short side >= ``2 * size``, then resized (bilinear, antialiased) to ``size x size``,
+   converted to HSV (or kept RGB) and split into a ``grid x grid`` layout; each cell gets one ``bins``-bin histogram
+   per channel, normalised to sum 1. The mean luma (BT.601) of the frame is kept for the fade rule.
 2. **Distance** (:func:`histogram_distance`): half the L1 distance between two histograms (total variation, 0 for
    equal, 1 for disjoint), averaged over cells and channels. ``d[t]`` compares frame ``t - 1`` with frame ``t``.
 3. **Hard cuts** (:func:`find_cuts`): frame ``t`` starts a new shot when
@@ -50,7 +50,7 @@ class ContentParams:
 
     bins: int = 16  #: histogram bins per channel
     grid: int = 2  #: histograms per cell of a grid x grid layout (1 = whole frame)
-    size: int = 64  #: frames are resized (antialiased) to size x size pixels before the histograms
+    size: int = 32  #: frames are resized (antialiased) to size x size pixels before the histograms
     colour: Literal["hsv", "rgb"] = "hsv"  #: colour space of the histograms
     window: int = 12  #: half-width in frames of the sliding window of the adaptive threshold
     trim: int = 4  #: the window's largest distances are left out of its mean/std (flashes, nearby cuts)
@@ -68,8 +68,8 @@ class ContentParams:
     def validate(self, prefix: str = "") -> None:
         """Raise :class:`ConfigError` naming the first bad field."""
         p = f"{prefix}." if prefix else ""
-        ints = {"bins": 2, "grid": 1, "size": 4, "window": 3, "trim": 0, "local_max": 0, "flash_len": 0, "max_black_len": 1,
-                "fade_len": 0, "min_shot_len": 1}
+        ints = {"bins": 2, "grid": 1, "size": 4, "window": 3, "trim": 0, "local_max": 0, "flash_len": 0,
+                "max_black_len": 1, "fade_len": 0, "min_shot_len": 1}
         for name, low in ints.items():
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < low:
