@@ -177,6 +177,8 @@ def test_interrupted_run_leaves_a_valid_file_and_resumes(tmp_path, videos, one_t
     summary = run_shots(inputs, out, workers=1, progress=False, process=rest)
     assert len(rest.calls) == 2 and saved[0]["path"] not in rest.calls
     assert len(summary.records) == 3 and len(load_shots_file(out)) == 3
+    nothing = Counting()
+    assert run_shots(inputs, out, progress=False, process=nothing).skipped == 3 and nothing.calls == []
 
 
 def test_manifest_shots_are_taken_as_given(tmp_path, videos):
