@@ -22,6 +22,7 @@ from vidssl.data.shots import (
 )
 from vidssl.data.synthetic import SynthConfig, generate_multishot, generate_video
 from vidssl.io import write_video
+from vidssl.io.readers import probe
 
 CFG = SynthConfig(num_frames=24, height=64, width=80, seed=3)
 BIKES = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "videos" / "bikes.mp4"
@@ -231,3 +232,21 @@ def test_cli_data_shots(tmp_path, videos, capsys):
     assert "1 failed" in capsys.readouterr().out
     assert main(["data", "shots", str(path), "--out", str(out), "--set", "bins=1"]) == 2
     assert "detector.bins" in capsys.readouterr().err
+
+
+def test_cli_manifest_out_feeds_the_shots_sampler(tmp_path, videos):
+    from vidssl.data.manifest import load_manifest
+
+    path, cuts = videos["multi0"]
+    manifest = tmp_path / "m.jsonl"
+    n = probe(path)["num_frames"]
+    write_manifest(manifest, [VideoEntry(name="m0", path=str(path), kind="video", num_frames=n, fps=25.0)])
+    out = tmp_path / "with_shots.jsonl"
+    assert main(["data", "shots", str(manifest), "--out", str(tmp_path / "s.jsonl"), "--manifest-out", str(out),
+                 "--no-progress"]) == 0
+    entry = load_manifest(out)[0]
+    assert [a for a, _ in entry.shots[1:]] == cuts and entry.shots[-1][1] == n
+    write_manifest(manifest, [VideoEntry(name="m0", path=str(path), kind="video", num_frames=n + 5)])
+    assert main(["data", "shots", str(manifest), "--out", str(tmp_path / "s.jsonl"), "--manifest-out", str(out),
+                 "--no-progress"]) == 2  # a stale frame count is named, not written
+    assert main(["data", "shots", str(path), "--out", str(tmp_path / "t.jsonl"), "--manifest-out", str(out)]) == 2

@@ -222,10 +222,12 @@ def cmd_data_index(args: argparse.Namespace) -> int:
 
 def cmd_data_shots(args: argparse.Namespace) -> int:
     from vidssl.config import apply_overrides, from_dict, to_dict
-    from vidssl.data.shots import detector_params, run_shots
+    from vidssl.data.shots import detector_params, manifest_with_shots, run_shots
 
     cls = detector_params(args.detector)
     params = from_dict(cls, apply_overrides(to_dict(cls()), args.set), prefix="detector")
+    if args.manifest_out and (len(args.paths) != 1 or not args.paths[0].endswith(".jsonl")):
+        raise UserError("--manifest-out needs exactly one PATH, a .jsonl manifest")
     summary = run_shots(args.paths, args.out, detector=args.detector, params=params, workers=args.workers,
                         resume=not args.no_resume, batch_size=args.batch_size, backend=args.backend,
                         device=args.device, progress=_progress(args))
@@ -233,6 +235,9 @@ def cmd_data_shots(args: argparse.Namespace) -> int:
           f"{len(summary.failures)} failed")
     for f in summary.failures:
         print(f"  failed {f['path']}: {f['error']}", file=sys.stderr)
+    if args.manifest_out:
+        n = manifest_with_shots(args.paths[0], summary.records, args.manifest_out)
+        print(f"manifest with {n} videos' shots written to {args.manifest_out}")
     return 0
 
 
@@ -392,6 +397,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--backend", default="auto", help="video decoder: auto, pyav, torchcodec, decord")
     sp.add_argument("--device", default="cpu", help="cpu or cuda (NVDEC decoding, histograms on the GPU)")
     sp.add_argument("--no-resume", action="store_true", help="re-detect videos already in the output")
+    sp.add_argument("--manifest-out", metavar="PATH",
+                    help="with one manifest PATH: write a copy with its shots column filled (for sampler shots)")
     add_progress(sp)
     sp.set_defaults(func=cmd_data_shots)
     dp.set_defaults(func=lambda a: (dp.print_help(), EXIT_USAGE)[1])

@@ -26,6 +26,9 @@ Frames are read through :func:`vidssl.io.open_reader` in batches of ``batch_size
 file are not read again, and the file is rewritten atomically (temporary file + rename) at most every
 ``save_every_s`` seconds, on an interruption (Ctrl-C) and at the end, so an interrupted run leaves a valid file
 (after a hard kill: the one of the last save) and the next run reads only what is missing.
+
+:func:`manifest_with_shots` (``--manifest-out``) copies a manifest with its ``shots`` column filled from the records,
+for ``data.sampler: shots``.
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ import torch
 from einops import rearrange
 
 from vidssl.config import ConfigError, to_dict
-from vidssl.data.manifest import ManifestError, find_videos, load_manifest
+from vidssl.data.manifest import ManifestError, find_videos, load_manifest, write_manifest
 from vidssl.data.shot_detect import ContentParams, find_cuts, frame_features
 from vidssl.io.atomic import atomic_write_text
 from vidssl.io.readers import VIDEO_SUFFIXES, open_reader, probe
@@ -389,3 +392,21 @@ def run_shots(paths: Sequence[str | os.PathLike], out: str | os.PathLike, *,
     save()
     return ShotsSummary(records=sorted(done.values(), key=lambda r: r["path"]), failures=failures,
                         processed=len(todo), skipped=len(sources) - len(todo))
+
+
+def manifest_with_shots(manifest: str | os.PathLike, records: Sequence[dict], out: str | os.PathLike) -> int:
+    """Write ``manifest``'s entries to ``out`` (atomically) with the ``shots`` column set from ``records`` (the
+    ``shots`` sampler reads it). Entries without a record keep their shots. Returns how many entries got shots."""
+    by_path = {r["path"]: r for r in records if "shots" in r}
+    entries = load_manifest(manifest, check_exists=False)
+    done = 0
+    for e in entries:
+        rec = by_path.get(e.path)
+        if rec is not None:
+            if rec["num_frames"] != e.num_frames:
+                raise ManifestError(f"{manifest}: video {e.name!r} has num_frames {e.num_frames} but its shots cover "
+                                    f"{rec['num_frames']} frames; re-index it (vidssl data index)")
+            e.shots = [(a, b) for a, b in rec["shots"]]
+            done += 1
+    write_manifest(out, entries)
+    return done
