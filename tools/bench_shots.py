@@ -43,8 +43,8 @@ import numpy as np
 import torch
 
 from vidssl.config import apply_overrides, from_dict, to_dict
-from vidssl.data.shot_detect import ContentParams
-from vidssl.data.shots import PySceneDetectParams, content_cuts, rgb_to_bgr_frames, scenedetect_bgr_cuts
+from vidssl.data.shot_detect import Boundaries, ContentParams, detect_boundaries
+from vidssl.data.shots import PySceneDetectParams, rgb_to_bgr_frames, scenedetect_bgr_cuts
 from vidssl.data.synthetic import SynthConfig, generate_multishot
 from vidssl.io import atomic_write_text, open_reader, read_image, write_video
 
@@ -192,6 +192,19 @@ def grid_configs(base: ContentParams, grid: Sequence[str]) -> dict[str, ContentP
                                                    prefix="detector") for combo in itertools.product(*axes)}
 
 
+def margins(found: Boundaries, truth: Sequence[tuple[int, int]], flash: int | None = None) -> dict:
+    """How far from the decision the vidssl detector was: distance / adaptive threshold at every true hard cut
+    (``cuts``), and its largest value on frames more than 2 frames away from any true cut or fade and not at the
+    planted flash (``non_cut``; the flash rule, not the threshold, handles the flash)."""
+    ratio = (found.distances / found.thresholds).tolist()                     # (N,)
+    away = [True] * len(ratio)
+    for s, e in [*truth, *([(flash, flash + 1)] if flash is not None else [])]:
+        for i in range(max(s - 2, 0), min(e + 2, len(ratio))):
+            away[i] = False
+    return {"cuts": [ratio[s] for s, e in truth if e - s == 1],
+            "non_cut": max((r for r, a in zip(ratio, away) if a), default=0.0)}
+
+
 def run_detectors(videos: list[dict], content: dict[str, ContentParams], psd: PySceneDetectParams | None,
                   batch_size: int) -> None:
     """Decode each video once, then time each detector on the same frames (fills ``det``, ``time``)."""
@@ -200,10 +213,13 @@ def run_detectors(videos: list[dict], content: dict[str, ContentParams], psd: Py
         v["num_frames"] = int(frames.shape[0])
         v["size"] = [int(frames.shape[2]), int(frames.shape[3])]
         v["det"], v["time"] = {}, {}
+        v["margin"] = {}
         for name, params in content.items():
             t0 = time.perf_counter()
-            v["det"][name] = content_cuts(frames.split(batch_size), params)
+            found = detect_boundaries(frames.split(batch_size), params)
             v["time"][name] = time.perf_counter() - t0
+            v["det"][name] = found.cuts
+            v["margin"][name] = margins(found, v["truth"], v.get("flash"))
         if psd is not None:
             bgr = list(rgb_to_bgr_frames(frames.split(batch_size)))          # (H, W, 3) each, before the clock
             t0 = time.perf_counter()
@@ -221,21 +237,29 @@ def table(videos: list[dict], detectors: list[str]) -> list[dict]:
             n_true = sum(len(v["truth"]) for v in vs)
             frames = sum(v["num_frames"] for v in vs)
             secs = sum(v["time"][det] for v in vs)
+            cut_r = [r for v in vs if det in v["margin"] for r in v["margin"][det]["cuts"]]
             rows.append({"dataset": ds, "detector": det, "videos": len(vs), "true_cuts": n_true, "detected": n_det,
                          "matched": tp, "precision": tp / n_det if n_det else (1.0 if n_true == 0 else 0.0),
                          "recall": tp / n_true if n_true else None, "false_positives": n_det - tp,
-                         "frames": frames, "size_hw": vs[0]["size"], "frames_per_s": frames / secs})
+                         "frames": frames, "size_hw": vs[0]["size"], "frames_per_s": frames / secs,
+                         "weakest_cut_ratio": min(cut_r) if cut_r else None,
+                         "strongest_non_cut_ratio": max((v["margin"][det]["non_cut"] for v in vs
+                                                         if det in v["margin"]), default=None)})
     return rows
 
 
 def format_rows(rows: list[dict]) -> str:
-    lines = ["| dataset | detector | videos | true cuts | detected | precision | recall | FP | frames/s (size) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| dataset | detector | videos | true cuts | detected | precision | recall | FP | frames/s (size) | "
+             "d/thr weakest cut | d/thr max non-cut |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+
+    def num(x: float | None, fmt: str = ".2f") -> str:
+        return "-" if x is None else format(x, fmt)
+
     for r in rows:
-        rec = "-" if r["recall"] is None else f"{r['recall']:.3f}"
         lines.append(f"| {r['dataset']} | {r['detector']} | {r['videos']} | {r['true_cuts']} | {r['detected']} | "
-                     f"{r['precision']:.3f} | {rec} | {r['false_positives']} | "
-                     f"{r['frames_per_s']:.0f} ({r['size_hw'][0]}x{r['size_hw'][1]}) |")
+                     f"{r['precision']:.3f} | {num(r['recall'], '.3f')} | {r['false_positives']} | "
+                     f"{r['frames_per_s']:.0f} ({r['size_hw'][0]}x{r['size_hw'][1]}) | "
+                     f"{num(r['weakest_cut_ratio'])} | {num(r['strongest_non_cut_ratio'])} |")
     return "\n".join(lines)
 
 
@@ -284,6 +308,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     detectors = list(configs) + (["pyscenedetect"] if psd is not None else [])
     rows = table(videos, detectors)
     print(format_rows(rows))
+    print("d/thr: the vidssl detector's distance over its adaptive threshold (> 1 fires) at the true hard cuts and "
+          "at most on frames > 2 away from any true boundary")
     for v in videos:
         misses = {d: v["det"][d] for d in detectors if match(v["det"][d], v["truth"]) != len(v["truth"])
                   or len(v["det"][d]) != len(v["truth"])}
@@ -292,7 +318,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.out:
         result = {"command": "python tools/bench_shots.py " + " ".join(sys.argv[1:]), "content_params":
                   to_dict(content), "pyscenedetect_params": to_dict(psd) if psd else None, "rows": rows,
-                  "videos": [{k: v[k] for k in ("dataset", "path", "truth", "num_frames", "det", "time")}
+                  "videos": [{k: v[k] for k in ("dataset", "path", "truth", "num_frames", "det", "time", "margin")}
                              for v in videos], "torch_threads": torch.get_num_threads()}
         atomic_write_text(args.out, json.dumps(result, indent=1) + "\n")
     return 0

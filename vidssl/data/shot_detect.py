@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Iterable, Literal
 
 import torch
 import torch.nn.functional as F
@@ -250,3 +250,15 @@ def find_cuts(hist: torch.Tensor, luma: torch.Tensor, params: ContentParams) -> 
         if all(abs(t - u) >= params.min_shot_len for u in kept):
             kept.append(t)
     return Boundaries(cuts=sorted(kept), distances=d, thresholds=thresh, fades=fades)
+
+
+def detect_boundaries(batches: Iterable[torch.Tensor], params: ContentParams) -> Boundaries:
+    """:func:`find_cuts` over consecutive frame ``batches`` (``uint8 (B, 3, H, W)``), featurised batch by batch."""
+    hists, lumas = [], []
+    for frames in batches:
+        hist, luma = frame_features(frames, params)                           # (B, K, bins), (B,)
+        hists.append(hist)
+        lumas.append(luma)
+    if not hists:
+        return Boundaries(cuts=[], distances=torch.zeros(0), thresholds=torch.zeros(0), fades=[])
+    return find_cuts(torch.cat(hists), torch.cat(lumas), params)

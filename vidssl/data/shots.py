@@ -49,7 +49,7 @@ from einops import rearrange
 
 from vidssl.config import ConfigError, to_dict
 from vidssl.data.manifest import ManifestError, find_videos, load_manifest, write_manifest
-from vidssl.data.shot_detect import ContentParams, find_cuts, frame_features
+from vidssl.data.shot_detect import ContentParams, detect_boundaries
 from vidssl.io.atomic import atomic_write_text
 from vidssl.io.readers import VIDEO_SUFFIXES, open_reader, probe
 
@@ -140,14 +140,7 @@ def frame_batches(reader, batch_size: int) -> Iterator[torch.Tensor]:
 
 def content_cuts(batches: Iterable[torch.Tensor], params: ContentParams) -> list[int]:
     """Cuts found by the content detector over ``batches`` of consecutive frames (features per batch, then rules)."""
-    hists, lumas = [], []
-    for frames in batches:
-        hist, luma = frame_features(frames, params)                           # (B, K, bins), (B,)
-        hists.append(hist)
-        lumas.append(luma)
-    if not hists:
-        return []
-    return find_cuts(torch.cat(hists), torch.cat(lumas), params).cuts
+    return detect_boundaries(batches, params).cuts
 
 
 def rgb_to_bgr_frames(batches: Iterable[torch.Tensor]) -> Iterator[np.ndarray]:
