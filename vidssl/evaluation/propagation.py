@@ -225,9 +225,10 @@ def label_propagation(query: torch.Tensor, keys: torch.Tensor, key_labels: torch
     # Query tiles, and the restricted key frames' window affinities computed tile by tile (vidssl.models.window_tiles);
     # temperature folded into the query (same rounding as the dense reference). Work buffers are allocated once per
     # call and reused by every chunk, hence out= below.
-    windows = TiledWindows(keys[restr].to(dt)[None], offsets, tile=tile,
+    contiguous = bool(restr) and restr == list(range(restr[0], restr[-1] + 1))  # CRW 1..N-1, DINO all: a view
+    windows = TiledWindows((keys[restr[0]:restr[-1] + 1] if contiguous else keys[restr])[None], offsets, tile=tile,
                            query=(query.float() / temperature).to(dt)[None],
-                           buffer_rows=rows_per_chunk if restr else None)
+                           buffer_rows=rows_per_chunk if restr else None, dtype=dt)
     nty, ntx = windows.tile_rows, windows.tile_cols
 
     n_free, n_restr = len(free), len(restr)

@@ -43,14 +43,16 @@ class TiledWindows:
     """Query tiles, grown key tiles and window affinities of one query map against ``N`` key maps.
 
     Args:
-        query: ``(B, C, h, w)`` (already in the matmul dtype; scale it first, e.g. by ``1 / temperature``).
-        keys: ``(B, N, C, h, w)``, same dtype.
+        keys: ``(B, N, C, h, w)`` (a view is fine: they are copied once, padded, in ``dtype``).
         offsets: ``(O, 2)`` int64 window offsets ``(dy, dx)`` (any set, in the order the output should have).
         tile: query tile side.
+        query: ``(B, C, h, w)`` (scale it first, e.g. by ``1 / temperature``); may be omitted when only
+            :meth:`key_tiles` are needed (window aggregation).
         buffer_rows: when given, the key tiles, the tile affinities and the picked window entries are written into
             buffers sized for this many tile rows, allocated once and reused by every call (large fresh allocations
             per chunk cost as much system time in page faults as the matmuls take). Inference only: the results
             are views of the buffers, overwritten by the next call.
+        dtype: matmul dtype (default: the keys' dtype); query and keys are converted while they are padded.
 
     Tiles are numbered row-major; tile row ``a`` covers query rows ``a*tile .. (a+1)*tile - 1``. Positions past the
     image (the query map is padded to whole tiles) get affinities with zero queries; callers crop them.
@@ -62,7 +64,7 @@ class TiledWindows:
     """
 
     def __init__(self, keys: torch.Tensor, offsets: torch.Tensor, *, tile: int, query: torch.Tensor | None = None,
-                 buffer_rows: int | None = None) -> None:
+                 buffer_rows: int | None = None, dtype: torch.dtype | None = None) -> None:
         if keys.ndim != 5 or (query is not None and (query.ndim != 4 or keys.shape[0] != query.shape[0]
                                                       or keys.shape[2:] != query.shape[1:])):
             raise ValueError(f"query/keys: expected (B, C, h, w) and (B, N, C, h, w), got "
@@ -83,22 +85,23 @@ class TiledWindows:
         hq, wq = -(-h // th) * th, -(-w // th) * th
         self.tile_rows, self.tile_cols = hq // th, wq // th
         self.win_h, self.win_w = th + 2 * self.ry, th + 2 * self.rx
-        self.qpad = None if query is None else self.pad(query)  # (B, C, hq, wq)
+        dtype = dtype or keys.dtype
+        self.qpad = None if query is None else self.pad(query.to(dtype))  # (B, C, hq, wq)
         self.index = window_tile_index(th, offsets, self.ry, self.rx)  # (t2, O)
         self.buffers = None
         if buffer_rows is None:
             # Keys padded by the window half-sizes, channels-first: key tiles are views where the layout allows
             # (differentiable; the matmul reads them in place).
-            self.kpad = F.pad(keys, (self.rx, wq - w + self.rx, self.ry, hq - h + self.ry))
+            self.kpad = F.pad(keys.to(dtype), (self.rx, wq - w + self.rx, self.ry, hq - h + self.ry))
         else:
             # Channels-last, so that copying key tiles into the buffer moves contiguous C-vectors.
-            self.kpad = keys.new_zeros(b, n, hq + 2 * self.ry, wq + 2 * self.rx, c)
+            self.kpad = keys.new_zeros(b, n, hq + 2 * self.ry, wq + 2 * self.rx, c, dtype=dtype)
             self.kpad[:, :, self.ry:self.ry + h, self.rx:self.rx + w] = rearrange(keys, "b n c h w -> b n h w c")
             m_max = b * min(int(buffer_rows), self.tile_rows) * self.tile_cols
             t2, p = th * th, self.win_h * self.win_w
-            self.buffers = (keys.new_empty(m_max, n, self.win_h, self.win_w, c),
-                            keys.new_empty(m_max, t2, n * p),
-                            keys.new_empty(m_max, t2, n, offsets.shape[0]))
+            self.buffers = (keys.new_empty(m_max, n, self.win_h, self.win_w, c, dtype=dtype),
+                            keys.new_empty(m_max, t2, n * p, dtype=dtype),
+                            keys.new_empty(m_max, t2, n, offsets.shape[0], dtype=dtype))
 
     def pad(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, K, h, w)`` -> zero-padded to whole tiles ``(B, K, tile_rows * tile, tile_cols * tile)``."""
