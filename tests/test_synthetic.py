@@ -25,8 +25,8 @@ from vidssl.io.images import DAVIS_PALETTE, read_image, read_label_png
 from decoded import decode_all  # tests/decoded.py
 
 SMALL = SynthConfig(num_frames=8, height=64, width=64)
-STILL = dict(max_speed=0.0, max_rotation=0.0, scale_range=(1.0, 1.0), camera_pan=0.0, lighting_drift=0.0,
-             noise_std=0.0)
+STILL = dict(max_speed=0.0, max_rotation=0.0, deform=0.0, scale_range=(1.0, 1.0), camera_pan=0.0,
+             lighting_drift=0.0, noise_std=0.0)
 
 
 def _visible(video) -> np.ndarray:
@@ -296,3 +296,53 @@ def test_frame_index_survives_lossy_coding(tmp_path):
     assert decode_frame_index(frames[45].transpose(2, 0, 1)) == 45  # (3, H, W) works too
     with pytest.raises(ValueError, match="neither black nor white"):
         decode_frame_index(np.full((32, 48, 3), 128, dtype=np.uint8))
+
+
+# ---------------------------------------------------------------------------------------------- motion vs DAVIS
+
+# Object motion on the 12 DAVIS-2016 sample sequences (binary masks, 699 consecutive-frame pairs), measured by
+# `python tools/davis_motion_stats.py --json` (davis section): 10th / 50th / 90th percentiles of the mask-centroid
+# displacement per frame as a fraction of the frame diagonal, and of the frame-to-frame mask IoU.
+DAVIS_DISP = (0.00228, 0.00835, 0.02026)
+DAVIS_IOU = (0.5387, 0.7351, 0.8582)
+
+
+def _inside_davis(synth: dict, davis: tuple[float, float, float], slack: float = 0.1) -> bool:
+    """Synthetic median inside DAVIS's 10-90 % range, and the synthetic 10-90 % range inside it widened by ``slack``
+    of its width on each side (the two distributions overlap; the synthetic one is not much faster or slower)."""
+    lo, _, hi = davis
+    pad = slack * (hi - lo)
+    return lo <= synth["p50"] <= hi and lo - pad <= synth["p10"] and synth["p90"] <= hi + pad
+
+
+def test_demo_motion_statistics_fall_in_the_davis_range():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    from davis_motion_stats import recipe_synth_config, synthetic_stats
+
+    cfg, n = recipe_synth_config(None)  # the demo recipe's generator settings
+    stats = synthetic_stats(cfg, n)
+    assert _inside_davis(stats["disp"], DAVIS_DISP), stats["disp"]
+    assert _inside_davis(stats["iou"], DAVIS_IOU), stats["iou"]
+    # the check can fail: still objects, or objects twice as fast as the default, fall outside the DAVIS range
+    still = synthetic_stats(dataclasses.replace(cfg, **STILL), 6)
+    assert not _inside_davis(still["iou"], DAVIS_IOU)
+    fast = synthetic_stats(dataclasses.replace(cfg, max_speed=2 * cfg.max_speed), 6)
+    assert not _inside_davis(fast["disp"], DAVIS_DISP)
+
+
+def test_deformation_changes_the_shape_of_a_still_object():
+    cfg = dataclasses.replace(SMALL, **{**STILL, "deform": 0.3}, min_objects=1, max_objects=1)
+    video = generate_video(0, cfg)
+    areas = (video.masks > 0).sum(axis=(1, 2))  # (T,)
+    assert not all(np.array_equal(video.masks[0], m) for m in video.masks[1:])
+    rigid = generate_video(0, dataclasses.replace(cfg, deform=0.0))
+    assert all(np.array_equal(rigid.masks[0], m) for m in rigid.masks[1:])
+    assert areas.min() > 0
+
+
+def test_bad_deform_names_the_field():
+    with pytest.raises(ConfigError, match="deform"):
+        from_dict(SynthConfig, {"deform": 0.9})

@@ -36,7 +36,7 @@ from vidssl.io.images import write_label_png
 from vidssl.io.writer import write_video
 
 #: Bumped whenever the rendering changes, so a cached tree from older code is not mistaken for the current one.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 
 # RNG streams: the first entropy words after the seed, so videos, shots and shot lengths never share draws.
 _STREAM_VIDEO = 0
@@ -58,10 +58,13 @@ class SynthConfig:
     min_objects: int = 1  #: fewest objects in a video
     max_objects: int = 3  #: most objects in a video
     seed: int = 0  #: base seed; video ``index`` uses entropy (seed, index)
-    object_size: tuple[float, float] = (0.12, 0.25)  #: object radius range, fraction of min(H, W)
-    max_speed: float = 2.0  #: max object speed, px/frame (drift plus wobble)
+    object_size: tuple[float, float] = (0.1, 0.2)  #: object radius range, fraction of min(H, W)
+    max_speed: float = 2.2  #: max object speed, px/frame (drift plus wobble)
     scale_range: tuple[float, float] = (0.8, 1.25)  #: each object's scale goes between two draws from this range
-    max_rotation: float = 3.0  #: max object rotation speed, degrees/frame
+    max_rotation: float = 12.0  #: max object rotation speed, degrees/frame
+    #: non-rigid deformation: max amplitude of a travelling sinusoidal warp of each object (shape and texture),
+    #: fraction of its radius; 0 = rigid objects
+    deform: float = 0.3
     camera_pan: float = 1.0  #: max camera pan speed per axis, px/frame (background and objects move together)
     lighting_drift: float = 0.15  #: max brightness (fraction of 255) and contrast (fraction) change over a video
     occlusion: bool = True  #: objects may overlap (and some are aimed at each other); False keeps them apart
@@ -104,6 +107,8 @@ class SynthConfig:
             raise bad("max_speed", "must be >= 0")
         if self.max_rotation < 0:
             raise bad("max_rotation", "must be >= 0")
+        if not 0 <= self.deform <= 0.5:
+            raise bad("deform", "must lie in [0, 0.5]")
         if self.camera_pan < 0:
             raise bad("camera_pan", "must be >= 0")
         if not 0 <= self.lighting_drift < 1:
@@ -205,6 +210,9 @@ class _Object:
     omega: float = 0.0  # radians / frame
     scale0: float = 1.0
     scale1: float = 1.0
+    deform_amp: float = 0.0  # warp amplitude, fraction of radius
+    deform_freq: float = 0.0  # radians / frame
+    deform_phase: np.ndarray = field(default_factory=lambda: np.zeros(2))
 
 
 @dataclass
@@ -382,6 +390,9 @@ def _draw_motion(rng: np.random.Generator, cfg: SynthConfig, objects: list[_Obje
         obj.wobble_phase = rng.uniform(0, 2 * math.pi, size=2)
         obj.theta0 = float(rng.uniform(0, 2 * math.pi))
         obj.omega = math.radians(cfg.max_rotation) * float(rng.uniform(-1, 1))
+        obj.deform_amp = cfg.deform * float(rng.uniform(0.3, 1.0))
+        obj.deform_freq = 2 * math.pi / float(rng.uniform(6, 16))
+        obj.deform_phase = rng.uniform(0, 2 * math.pi, size=2)
     if cfg.occlusion and len(objects) > 1 and T > 2:
         # aim some objects at another one's position mid-video so that occlusions happen
         for k in range(1, len(objects)):
@@ -419,7 +430,9 @@ def _layout_ok(cfg: SynthConfig, scene: _Scene, xs: np.ndarray, ys: np.ndarray) 
         for i in range(len(poses)):
             for j in range(i + 1, len(poses)):
                 gap = np.linalg.norm(poses[i][0] - poses[j][0], axis=1)
-                reach = scene.objects[i].radius * poses[i][2] + scene.objects[j].radius * poses[j][2]
+                oi, oj = scene.objects[i], scene.objects[j]
+                reach = (oi.radius * (1 + oi.deform_amp) * poses[i][2]
+                         + oj.radius * (1 + oj.deform_amp) * poses[j][2])
                 circles_apart &= bool(np.all(gap > reach + 1))
         if not circles_apart:
             for t in range(1, cfg.num_frames):
@@ -475,7 +488,7 @@ def _draw_scene(rng: np.random.Generator, cfg: SynthConfig, xs: np.ndarray, ys: 
 
 def _object_window(obj: _Object, centre: np.ndarray, scale: float, height: int,
                    width: int) -> tuple[slice, slice] | None:
-    reach = obj.radius * scale + 1
+    reach = obj.radius * (1 + obj.deform_amp) * scale + 1
     x0 = max(int(math.floor(centre[0] - reach)), 0)
     x1 = min(int(math.ceil(centre[0] + reach)) + 1, width)
     y0 = max(int(math.floor(centre[1] - reach)), 0)
@@ -492,6 +505,19 @@ def _local_coords(centre: np.ndarray, theta: float, scale: float, xs: np.ndarray
     dy = ys - np.float32(centre[1])
     c, s = math.cos(theta) / scale, math.sin(theta) / scale
     return np.float32(c) * dx + np.float32(s) * dy, np.float32(-s) * dx + np.float32(c) * dy
+
+
+def _deform(obj: _Object, t: int, u: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Non-rigid warp of object-local coordinates at frame ``t``: each axis is shifted by a sinusoid of the other
+    axis (about one wavelength across the object) whose phase travels with time, amplitude ``deform_amp * radius``."""
+    if obj.deform_amp == 0:
+        return u, v
+    amp = np.float32(obj.deform_amp * obj.radius)
+    k = np.float32(math.pi / obj.radius)  # wavelength = the object's diameter
+    wt = obj.deform_freq * t
+    du = amp * np.sin(k * v + np.float32(wt + obj.deform_phase[0]))
+    dv = amp * np.sin(k * u + np.float32(wt + obj.deform_phase[1]))
+    return u + du, v + dv
 
 
 def _render_masks(scene: _Scene, t: int, poses: list, xs: np.ndarray,
@@ -532,6 +558,7 @@ def _render_frame(scene: _Scene, t: int, poses: list, xs: np.ndarray, ys: np.nda
         if win is None:
             continue
         u, v = _local_coords(centre, float(theta[t]), float(scale[t]), xs[win], ys[win])
+        u, v = _deform(obj, t, u, v)
         inside = _inside(obj, u, v)
         areas[k] = int(inside.sum())
         if not areas[k]:

@@ -52,7 +52,35 @@ def evaluate_run(cfg: Any, run_dir: str | Path, *, checkpoint: str | Path, progr
              f"  {'features':10s} {'J&F-Mean':>9s} {'J-Mean':>8s} {'F-Mean':>8s}"]
     for label, r in rows.items():
         lines.append(f"  {label:10s} {r['J&F-Mean']:9.4f} {r['J-Mean']:8.4f} {r['F-Mean']:8.4f}")
+    lines.append(verdict(rows))
     table = "\n".join(lines)
     print(table, flush=True)
     atomic_write_text(run_dir / "eval" / "summary.txt", table + "\n")
     return rows
+
+
+#: How the verdict line names each baseline.
+BASELINE_NAMES = {"random": "random init", "identity": "copy-first-mask", "lab": "Lab pixels"}
+
+
+def verdict(rows: dict[str, dict[str, float]]) -> str:
+    """One line saying by how much ``rows["trained"]`` beats (or does not beat) every baseline in J&F-Mean.
+
+    >>> verdict({"trained": {"J&F-Mean": 0.6}, "random": {"J&F-Mean": 0.5}, "identity": {"J&F-Mean": 0.65}})
+    'trained beats random init by +0.100 J&F; it does NOT beat copy-first-mask (-0.050 J&F)'
+    """
+    ours = rows["trained"]["J&F-Mean"]
+    wins, losses = [], []
+    for label, r in rows.items():
+        if label == "trained":
+            continue
+        margin = ours - r["J&F-Mean"]
+        name = BASELINE_NAMES.get(label, label)
+        (wins if margin > 0 else losses).append((name, margin))
+    parts = []
+    if wins:
+        parts.append("trained beats " + " and ".join(f"{n} by {m:+.3f}" for n, m in wins) + " J&F")
+    if losses:
+        parts.append(("it" if wins else "trained") + " does NOT beat "
+                     + " or ".join(f"{n} ({m:+.3f} J&F)" for n, m in losses))
+    return "; ".join(parts) if parts else "no baselines to compare with"
