@@ -480,7 +480,10 @@ def evaluate_features(seq: torch.Tensor, data: ProbeSet, *, protocols: Sequence[
                 rows.append({"test_videos": sorted({Path(items[i].video).name for i in a_te}), "top1": r["top1"],
                              "l2": r["l2"], "num_test": r["num_test"], "train_top1": r["train_top1"]})
             n_test = sum(r["num_test"] for r in rows)
+            videos = {v for r in rows for v in r["test_videos"]}
+            # all clips of a video share its motion, so the test videos, not the clips, are the independent samples
             out["arrow"] = {"top1": sum(r["top1"] * r["num_test"] for r in rows) / n_test, "num_test": n_test,
+                            "num_test_videos": len(videos),
                             "dim": int(seq.shape[1] * seq.shape[2]), "chance": 0.5, "split": how, "folds": rows}
         timings["arrow"] = time.perf_counter() - t0
     out["timings_s"] = timings
