@@ -236,6 +236,27 @@ def test_clip_features_encode_each_frame_once_in_bounded_batches(monkeypatch):
     assert torch.equal(seq, one_by_one) and seq.shape == (27, 2, 3)
 
 
+def test_recalibrate_batchnorm_uses_the_frames_and_restores_eval_mode(monkeypatch):
+    class BN(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = torch.nn.BatchNorm2d(3)
+
+        def forward(self, x):  # b 3 h w
+            return self.bn(x)
+
+    def read(path, idx):
+        return torch.stack([torch.full((3, 8, 8), 20 * int(path) + 3 * i, dtype=torch.uint8) for i in idx])
+
+    monkeypatch.setattr(probe, "read_item_frames", read)
+    items = [labelled.ProbeItem(str(p), (i,), 0, str(p), "train") for p in range(2) for i in range(4)]
+    ff = probe.FrameFeatures(BN(), None, size=8)
+    assert probe.recalibrate_batchnorm(items, ff, batch_size=4) == 1
+    frames = torch.cat([ff.preprocess(read(str(p), range(4))) for p in range(2)])  # 8 3 8 8
+    assert torch.allclose(ff.encoder.bn.running_mean, frames.mean(dim=(0, 2, 3)), atol=1e-5)
+    assert not ff.encoder.training and ff.encoder.bn.momentum == 0.1
+
+
 # ---------------------------------------------------------------------------------------- runner and the CLI
 def test_cli_end_to_end_on_images_and_frames(tmp_path, one_thread, capsys):
     from vidssl.cli import main
@@ -294,8 +315,9 @@ def test_checkpoint_is_probed_beside_its_random_init(tmp_path, one_thread):
     save_checkpoint(tmp_path / "run", step=2, weights=weights, trainer_state={"step": 2}, config=config)
     data = labelled.frame_folders_set(_frame_folders(tmp_path / "f"), clip_len=2, clips_per_video=2)
     rep = probe.run_probe(data, tmp_path / "out", checkpoint=tmp_path / "run", seeds=(0,), size=32,
-                          protocols=["knn", "retrieval"])
+                          protocols=["knn", "retrieval"], bn_stats="train")
     roles = {e["role"]: e for e in rep["encoders"]}
     assert roles["trained"]["step"] == 2 and roles["random_init"]["seed"] == 0
+    assert roles["trained"]["bn_layers_recalibrated"] == roles["random_init"]["bn_layers_recalibrated"] > 0
     assert rep["encoder"]["layer"] == "layer2" and roles["trained"]["feature_dim"] == 128
     assert "trained" in rep["summary"]["knn.k=20.top1"] and json.loads((tmp_path / "out" / "probe.json").read_text())

@@ -184,7 +184,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
           f"{c['test']['clips']} test clips", flush=True)
     report = run_probe(data, out, checkpoint=args.checkpoint, encoder=args.encoder, seeds=seeds, layer=args.layer,
                        protocols=protocols, device=args.device, size=args.size, batch_size=args.batch_size,
-                       force=args.force, progress=_progress(args),
+                       bn_stats=args.bn_stats, force=args.force, progress=_progress(args),
                        extra={"command": "vidssl " + " ".join(sys.argv[1:])})
     print(format_summary(report))
     print(f"probed in {report['timings_s']['total']:.1f} s -> {out / 'probe.json'}")
@@ -356,6 +356,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--protocols", default="linear,knn,retrieval,arrow", help="comma-separated subset")
     sp.add_argument("--layer", help="ResNet stage read (default: the model's eval_layer)")
     sp.add_argument("--size", type=int, default=224, help="frames resized (short side) and centre-cropped to this")
+    sp.add_argument("--bn-stats", choices=["stored", "train"], default="stored",
+                    help="BatchNorm statistics: as stored (random init: 0/1), or recomputed on the train frames for "
+                    "every encoder (a fairer random-init baseline)")
     sp.add_argument("--batch-size", type=int, default=32, help="frames per encoder call")
     sp.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda or cuda:N")
     sp.add_argument("--out", required=True, help="folder of the report (probe.json)")

@@ -33,7 +33,7 @@ import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 import torch.nn as nn
@@ -60,6 +60,8 @@ __all__ = [
     "knn_classify",
     "knn_scores",
     "linear_probe",
+    "random_init_encoder",
+    "recalibrate_batchnorm",
     "retrieval_recall",
     "run_probe",
     "topk_accuracy",
@@ -352,47 +354,75 @@ class FrameFeatures:
                 f"{norm}; no augmentation; global average pool of {self.layer or 'the final output'}")
 
 
-def clip_features(items: Sequence[ProbeItem], features: FrameFeatures, *, batch_size: int = 32,
-                  progress: bool = False) -> torch.Tensor:
-    """Per-frame features of every clip, ``(N, T, C)`` on the CPU. Each distinct frame is encoded once, in batches
-    of ``batch_size`` frames read file by file."""
-    from tqdm import tqdm
-
+def _frame_batches(items: Sequence[ProbeItem], features: FrameFeatures, batch_size: int
+                   ) -> Iterator[tuple[list[tuple[str, int]], torch.Tensor]]:
+    """``(keys, preprocessed frames (b, 3, s, s))`` with ``b <= batch_size``: each distinct ``(path, frame)`` of
+    ``items`` once, read file by file."""
     if batch_size < 1:
         raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
-    lens = {len(it.frames) for it in items}
-    if len(lens) != 1:
-        raise ValueError(f"items: clips of different lengths {sorted(lens)}; expected one clip length")
     unique: dict[str, dict[int, None]] = {}
     for it in items:
         unique.setdefault(it.path, {}).update(dict.fromkeys(it.frames))
-    wanted = {path: sorted(frames) for path, frames in unique.items()}
-    total = sum(len(v) for v in wanted.values())
-    rows: dict[tuple[str, int], torch.Tensor] = {}
     keys: list[tuple[str, int]] = []
     pending: list[torch.Tensor] = []
-    bar = tqdm(total=total, desc="features", unit="frame", disable=not progress, leave=False)
-
-    def flush() -> None:
-        if pending:
-            feats = features.encode(torch.cat(pending)).cpu()  # b c
-            rows.update(zip(keys, feats))
-            bar.update(len(keys))
-            keys.clear()
-            pending.clear()
-
-    for path, frames in wanted.items():
+    for path, frames in ((p, sorted(f)) for p, f in unique.items()):
         start = 0
-        while start < len(frames):  # every encoder call gets at most batch_size frames
+        while start < len(frames):  # every batch holds at most batch_size frames
             idx = frames[start:start + batch_size - len(keys)]
             pending.append(features.preprocess(read_item_frames(path, idx)))  # t 3 s s
             keys.extend((path, i) for i in idx)
             start += len(idx)
             if len(keys) >= batch_size:
-                flush()
-    flush()
-    bar.close()
+                yield keys, torch.cat(pending)  # b 3 s s
+                keys, pending = [], []
+    if keys:
+        yield keys, torch.cat(pending)  # b 3 s s
+
+
+def clip_features(items: Sequence[ProbeItem], features: FrameFeatures, *, batch_size: int = 32,
+                  progress: bool = False) -> torch.Tensor:
+    """Per-frame features of every clip, ``(N, T, C)`` on the CPU. Each distinct frame is encoded once, in batches
+    of at most ``batch_size`` frames read file by file."""
+    from tqdm import tqdm
+
+    lens = {len(it.frames) for it in items}
+    if len(lens) != 1:
+        raise ValueError(f"items: clips of different lengths {sorted(lens)}; expected one clip length")
+    total = len({(it.path, f) for it in items for f in it.frames})
+    rows: dict[tuple[str, int], torch.Tensor] = {}
+    with tqdm(total=total, desc="features", unit="frame", disable=not progress, leave=False) as bar:
+        for keys, x in _frame_batches(items, features, batch_size):
+            rows.update(zip(keys, features.encode(x).cpu()))  # b c
+            bar.update(len(keys))
     return torch.stack([torch.stack([rows[(it.path, f)] for f in it.frames]) for it in items])  # n t c
+
+
+def recalibrate_batchnorm(items: Sequence[ProbeItem], features: FrameFeatures, *, batch_size: int = 32) -> int:
+    """Replace the running statistics of every BatchNorm of ``features.encoder`` (that keeps them) by their
+    cumulative average over the frames of ``items`` (no augmentation; weights untouched). Returns the layers reset.
+
+    For a fair random-init baseline: a trained checkpoint carries statistics of real frames, a fresh network mean 0 /
+    variance 1, and that difference alone changes frozen features.
+    """
+    bns = [m for m in features.encoder.modules()
+           if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    momenta = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average
+    features.encoder.train()
+    try:
+        with torch.no_grad():
+            for _, x in _frame_batches(items, features, batch_size):
+                if features.layer is not None:
+                    features.encoder(x, upto=features.layer)  # b c h w (statistics updated)
+                else:
+                    features.encoder(x)  # b c h w (statistics updated)
+    finally:
+        features.encoder.eval()
+        for m, mom in zip(bns, momenta):
+            m.momentum = mom
+    return len(bns)
 
 
 # ============================================================================================ protocols on a set
@@ -585,12 +615,14 @@ def run_probe(data: ProbeSet, out_dir: str | Path | None = None, *, checkpoint: 
               encoder: str | None = None, seeds: Sequence[int] = (0,), layer: str | None = None,
               protocols: Sequence[str] = PROTOCOLS, device: str | None = "auto", size: int = 224,
               batch_size: int = 32, l2_grid: Sequence[float] = DEFAULT_L2, knn_ks: Sequence[int] = KNN_KS,
-              retrieval_ks: Sequence[int] = RETRIEVAL_KS, force: bool = False, progress: bool = False,
-              extra: dict[str, Any] | None = None) -> dict[str, Any]:
+              retrieval_ks: Sequence[int] = RETRIEVAL_KS, bn_stats: str = "stored", force: bool = False,
+              progress: bool = False, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Evaluate a checkpoint's encoder (or a built-in ``encoder``) and the same architecture at random init (one per
     seed) with the frozen-feature protocols on ``data``; write ``out_dir/probe.json`` atomically and return it.
 
-    An existing report is an error unless ``force`` (it is replaced only once the new one is complete).
+    ``bn_stats``: ``"stored"`` (BatchNorm running statistics as built or trained) or ``"train"`` (every encoder's
+    statistics recomputed on the train-split frames first, :func:`recalibrate_batchnorm`). An existing report is an
+    error unless ``force`` (it is replaced only once the new one is complete).
     """
     t_start = time.perf_counter()
     report_path = Path(out_dir) / REPORT_NAME if out_dir is not None else None
@@ -599,6 +631,8 @@ def run_probe(data: ProbeSet, out_dir: str | Path | None = None, *, checkpoint: 
     unknown = sorted(set(protocols) - set(PROTOCOLS))
     if unknown or not protocols:
         raise ValueError(f"protocols: {unknown or 'none given'}; expected some of {list(PROTOCOLS)}")
+    if bn_stats not in ("stored", "train"):
+        raise ValueError(f"bn_stats: {bn_stats!r}; expected 'stored' or 'train'")
     device = _resolve_device(device)
     sources, model_cfg, config = _sources(checkpoint, encoder, seeds)
     mean, std = _mean_std(config)
@@ -610,6 +644,9 @@ def run_probe(data: ProbeSet, out_dir: str | Path | None = None, *, checkpoint: 
         if device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats(device)
         t0 = time.perf_counter()
+        if bn_stats == "train":
+            desc = {**desc, "bn_layers_recalibrated": recalibrate_batchnorm(data.split("train"), ff,
+                                                                            batch_size=batch_size)}
         seq = clip_features(data.items, ff, batch_size=batch_size, progress=progress)  # n t c
         t_feat = time.perf_counter() - t0
         results = evaluate_features(seq, data, protocols=protocols, l2_grid=l2_grid, knn_ks=knn_ks,
@@ -638,6 +675,9 @@ def run_probe(data: ProbeSet, out_dir: str | Path | None = None, *, checkpoint: 
                     "model": {k: getattr(model_cfg, k) for k in ("encoder", "out_layer", "eval_layer", "stride8",
                                                                  "padding_mode", "norm", "colour")},
                     "input": ff.describe(),
+                    "bn_stats": ("BatchNorm running statistics recomputed on the train-split frames (cumulative "
+                                 "average over the batches) for every encoder" if bn_stats == "train" else
+                                 "BatchNorm running statistics as stored (a random init: mean 0, variance 1)"),
                     "clip_feature": "mean over the clip's frames of the per-frame pooled features",
                     "arrow_feature": "per-frame pooled features concatenated over the clip frames in time order"},
         "data": {"mode": data.mode, "root": data.root, "protocol": data.protocol, "classes": data.classes,
