@@ -23,6 +23,10 @@ Modes (``mode``):
   step (staleness one step per group, the first g steps of a run or a resume idle for group g). Not under DDP (the
   threads would issue collectives concurrently); resume restarts with empty buffers.
 
+Scores: GIM's raw dot products (``temperature: 0``); ``temperature > 0`` scores cosine similarity / temperature
+instead (not in GIM: bounded logits; on held-out DAVIS sequences raw scores after a short CPU run fell below random
+init, configs/gim_sample.yaml).
+
 Encoders: any registered encoder with a stem (``conv1/bn1/relu/maxpool`` or a ``stem`` method) and stages named by
 its ``layers``: torchvision ResNets, ``r2d3d18``, or GIM's own pre-activation ResNet without BatchNorm,
 ``gim_resnet50`` (bottleneck, widths 256/512/1024, the paper's) and ``gim_resnet34`` (basic blocks, 64/128/256):
