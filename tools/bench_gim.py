@@ -19,6 +19,13 @@ Usage (one CPU slot, one thread per configuration; pipelined uses ``--workers`` 
 
     /work/heavy python tools/bench_gim.py --encoder gim_resnet34 --batch 8 --crop 64 --out runs/bench_gim.json
 
+Measured (this 2-core CPU under load from other jobs, one thread per configuration, 1 warm-up + 1 timed step;
+``/work/heavy python tools/bench_gim.py --encoder gim_resnet34 --batch 8 --crop 64 --pred-steps 5 --steps 1``),
+training memory (peak RSS minus RSS before the first step) relative to end-to-end CPC (617 MiB): joint 1.08,
+joint_per_module 0.90, sequential 0.72 / 0.58 / 0.52 for modules 0 / 1 / 2 (peak: module 0, 1.40x below end-to-end;
+goal 2x not met), pipelined 1.05; module 0 holds 41 % of the activations autograd saves (so activations alone
+would allow 2.4x); pipelined with 2 threads ran at 0.94x joint's throughput (the other core was busy).
+
 Per-module probes (``--probe RUN``): every frame of the held-out DAVIS sequences (``--davis-root``, ``--sequences``),
 short side resized to ``--crop`` and centre-cropped, cut into the run's patch grid; each module's maps are
 average-pooled per patch. Two linear probes (:func:`vidssl.evaluation.probe.linear_probe`), fitted on the first half
