@@ -30,7 +30,7 @@ def test_defaults_yaml_and_overrides_layer(tmp_path):
     ("train.steps=2.5", "train.steps: expected an integer"),
     ("train.amp=turbo", "train.amp: 'turbo' is not allowed; expected one of 'auto', 'off', 'bf16', 'fp16'"),
     ("data.sampler=every", "data.sampler: 'every' is not allowed"),
-    ("objectives.0.name=simclr", "objectives.0.name: unknown objective 'simclr'; available: corrflow, crw, mast"),
+    ("objectives.0.name=simclr", "objectives.0.name: unknown objective 'simclr'; available: corrflow, "),
     ("objectives.0.temp=1", "objectives.0.temp: unknown key; allowed keys here: embed_dim, temperature"),
     ("objectives.0.temperature=-1", "objectives.0.temperature: must be > 0"),
     ("objectives.4.weight=1", "objectives.4: list index '4' out of range"),

@@ -7,8 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from vidssl.evaluation.features import EncoderFeatures, LabFeatures, build_encoder_features
-from vidssl.evaluation.mast_propagation import WindowFeatures
+from vidssl.evaluation.features import EncoderFeatures, LabFeatures, WindowFeatures, build_encoder_features
 from vidssl.evaluation.presets import PropagationConfig
 
 def _window_extractor(encoder: Any, cfg: PropagationConfig, *, colour: str, name: str | None = None

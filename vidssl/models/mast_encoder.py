@@ -132,9 +132,4 @@ class MASTEncoder(nn.Module):
         self.load_state_dict({k: mapped[k] for k in own}, strict=True)
 
 
-def build_mast_encoder(*, in_channels: int = 3, padding_mode: str = "zeros") -> MASTEncoder:
-    """The CorrFlow/MAST encoder (see :class:`MASTEncoder`)."""
-    return MASTEncoder(in_channels=in_channels, padding_mode=padding_mode)
-
-
-__all__ = ["MASTEncoder", "ResidualBlock", "build_mast_encoder"]
+__all__ = ["MASTEncoder", "ResidualBlock"]
