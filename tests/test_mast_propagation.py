@@ -214,3 +214,38 @@ def test_propagate_cli_with_mast_preset(tmp_path):
     assert g["J-Mean"] == pytest.approx(rescored_j_mean(root, out, ["a", "b"], year="2016"), abs=1e-6)
     assert g["J&F-Mean"] == pytest.approx((g["J-Mean"] + g["F-Mean"]) / 2, abs=1e-6)
     assert sorted(os.listdir(out / "a")) == [f"{t:05d}.png" for t in range(4)]
+
+
+@pytest.mark.parametrize("colour", ["lab", "rgb"])
+def test_common_presets_read_the_stride4_encoder_like_the_window_reader(colour):
+    """Under crw/dino the CorrFlow/MAST encoder's head is fed exactly what its own window reader feeds it."""
+    from vidssl.evaluation.features import EncoderFeatures
+
+    torch.manual_seed(0)
+    enc = MASTEncoder().eval()
+    frames = torch.randint(0, 256, (2, 3, 64, 96), dtype=torch.uint8)
+    common = EncoderFeatures(enc, layer="head", colour=colour)
+    assert (common.stride, common.channels) == (4, 64)
+    torch.testing.assert_close(common(frames), WindowFeatures(enc, colour=colour)(frames), rtol=0, atol=0)
+
+
+def test_mast_checkpoint_under_the_crw_preset_through_the_cli(tmp_path):
+    """A MAST run is scored under the common crw protocol (stride-4 head, Lab input) and the run records it."""
+    from vidssl.cli import main
+    from vidssl.engine.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    enc = MASTEncoder()
+    config = {"name": "m", "model": {"encoder": "mast_resnet18", "padding_mode": "zeros", "colour": "lab"},
+              "objectives": [{"name": "mast", "params": {}}]}
+    save_checkpoint(tmp_path / "run", step=1, weights={"encoder." + k: v for k, v in enc.state_dict().items()},
+                    trainer_state={"step": 1}, config=config)
+    root = tmp_path / "davis"
+    _tiny_davis(root, ["a"])
+    out = tmp_path / "res"
+    assert main(["propagate", "--checkpoint", str(tmp_path / "run"), "--preset", "crw", "--davis-root", str(root),
+                 "--year", "2016", "--split", "sample", "--out", str(out), "--no-progress"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["preset"] == "crw" and metrics["hyperparameters"]["layer"] == "head"
+    assert metrics["extractor"]["stride"] == 4 and metrics["extractor"]["colour"] == "lab"
+    assert sorted(os.listdir(out / "a")) == [f"{t:05d}.png" for t in range(4)]

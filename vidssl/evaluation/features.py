@@ -149,7 +149,10 @@ class EncoderFeatures(_Preprocessing):
     Args:
         encoder: the network (put in eval mode and moved to ``device``).
         layer: stage whose output is returned (``"layer3"`` for CRW: 256-d for ResNet-18 at stride 8).
-        mean, std: normalisation of RGB/255 inputs.
+        mean, std: normalisation of RGB/255 inputs (``colour="imagenet"``).
+        colour: the input the encoder was trained on: ``"imagenet"`` (RGB normalised with ``mean``/``std``, the
+            ResNets), ``"rgb"`` (RGB in [0, 1], CorrFlow) or ``"lab"`` (normalised Lab, MAST), so a stride-4
+            CorrFlow/MAST encoder can be evaluated under the common top-k presets too.
         resize, short_side, size_multiple: resize policy (see :func:`resized_size`).
         device: where the encoder runs and the features are returned.
         name: description (default ``"<arch>.<layer>"``).
@@ -165,7 +168,11 @@ class EncoderFeatures(_Preprocessing):
     def __init__(self, encoder: ResNetEncoder, *, layer: str = "layer3",
                  mean: tuple[float, float, float] = IMAGENET_MEAN, std: tuple[float, float, float] = IMAGENET_STD,
                  resize: ResizePolicy = "native", short_side: int = 480, size_multiple: int = 64,
-                 device: str | torch.device = "cpu", name: str | None = None) -> None:
+                 device: str | torch.device = "cpu", name: str | None = None,
+                 colour: Literal["imagenet", "rgb", "lab"] = "imagenet") -> None:
+        if colour not in ("imagenet", "rgb", "lab"):
+            raise ValueError(f"colour: {colour!r}; expected 'imagenet', 'rgb' or 'lab'")
+        self.colour = colour
         if layer not in getattr(encoder, "layers", ()):
             raise ValueError(f"layer: {layer!r} is not built in this encoder (has {list(encoder.layers)})")
         resized_size(8, 8, resize=resize, short_side=short_side, multiple=size_multiple)  # validates the policy
@@ -179,19 +186,24 @@ class EncoderFeatures(_Preprocessing):
         self.name = name or f"{encoder.arch}.{layer}"
 
     @classmethod
-    def from_config(cls, encoder: ResNetEncoder, cfg: PropagationConfig, *, name: str | None = None
-                    ) -> "EncoderFeatures":
-        """Extractor with the preprocessing, layer and device of a propagation config."""
-        return cls(encoder, layer=cfg.layer, mean=cfg.mean, std=cfg.std, resize=cfg.resize,
-                   short_side=cfg.short_side, size_multiple=cfg.size_multiple, device=cfg.device, name=name)
+    def from_config(cls, encoder: ResNetEncoder, cfg: PropagationConfig, *, name: str | None = None,
+                    layer: str | None = None, colour: str = "imagenet") -> "EncoderFeatures":
+        """Extractor with the preprocessing, layer (unless given) and device of a propagation config."""
+        return cls(encoder, layer=layer or cfg.layer, mean=cfg.mean, std=cfg.std, resize=cfg.resize,
+                   short_side=cfg.short_side, size_multiple=cfg.size_multiple, device=cfg.device, name=name,
+                   colour=colour)
 
     def __call__(self, frames: torch.Tensor) -> torch.Tensor:
         size = self.input_size(int(frames.shape[-2]), int(frames.shape[-1]))
         x = resize_frames(frames.to(self.device), size)  # (N, 3, H', W') in [0, 1]
-        mean = torch.tensor(self.mean, device=self.device)[None, :, None, None]
-        std = torch.tensor(self.std, device=self.device)[None, :, None, None]
+        if self.colour == "imagenet":
+            mean = torch.tensor(self.mean, device=self.device)[None, :, None, None]
+            std = torch.tensor(self.std, device=self.device)[None, :, None, None]
+            x = (x - mean) / std
+        elif self.colour == "lab":
+            x = normalise_lab(rgb_to_lab(x.clamp(0, 1)))
         with torch.inference_mode():
-            feats = self.encoder((x - mean) / std, upto=self.layer)
+            feats = self.encoder(x, upto=self.layer)
         expected = self.feature_size(int(frames.shape[-2]), int(frames.shape[-1]))
         if tuple(feats.shape[-2:]) != expected:
             raise RuntimeError(f"{self.name}: feature map {tuple(feats.shape[-2:])} differs from the declared "
@@ -202,7 +214,7 @@ class EncoderFeatures(_Preprocessing):
         """Description for metrics.json."""
         return {"kind": "encoder", "name": self.name, "arch": self.encoder.arch, "layer": self.layer,
                 "stride": self.stride, "channels": self.channels, "padding_mode": self.encoder.padding_mode,
-                "mean": list(self.mean), "std": list(self.std), "resize": self.resize}
+                "colour": self.colour, "mean": list(self.mean), "std": list(self.std), "resize": self.resize}
 
 
 class LabFeatures(_Preprocessing):

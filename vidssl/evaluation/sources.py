@@ -10,12 +10,14 @@ from typing import Any
 from vidssl.evaluation.features import EncoderFeatures, LabFeatures, WindowFeatures, build_encoder_features
 from vidssl.evaluation.presets import PropagationConfig
 
-def _window_extractor(encoder: Any, cfg: PropagationConfig, *, colour: str, name: str | None = None
-                      ) -> WindowFeatures:
+def _stride4_extractor(encoder: Any, cfg: PropagationConfig, *, colour: str, name: str | None = None
+                       ) -> WindowFeatures | EncoderFeatures:
+    """The CorrFlow/MAST encoder's ``head`` features: under the window presets (mast, corrflow) their own reader;
+    under the common top-k presets (crw, dino) the same features at stride 4, fed the colour space it was trained on,
+    so every learner is compared under one protocol."""
     window = cfg.window
     if window is None:
-        raise ValueError("the CorrFlow/MAST encoder (mast_resnet18) is evaluated with --preset mast or --preset "
-                         "corrflow (stride-4 window protocols)")
+        return EncoderFeatures.from_config(encoder, cfg, name=name, layer="head", colour=colour)
     return WindowFeatures(encoder, colour=colour, crop_multiple=window.crop_multiple, short_side=window.short_side,
                           device=cfg.device, name=name)
 
@@ -36,7 +38,9 @@ def checkpoint_extractor(checkpoint: str | os.PathLike, cfg: PropagationConfig, 
     run = config.get("name", "run")
     if model_cfg.encoder == "mast_resnet18":  # the stride-4 CorrFlow/MAST encoder: window protocols
         colour = model_cfg.colour
-        ext = _window_extractor(encoder, cfg, colour=colour, name=f"{run}@{step}.head[{colour}]")
+        if cfg.window is None:
+            cfg = dataclasses.replace(cfg, layer="head")  # recorded as used
+        ext = _stride4_extractor(encoder, cfg, colour=colour, name=f"{run}@{step}.head[{colour}]")
         return ext, {"source": "checkpoint", "checkpoint": str(ckpt), "step": step, "run": run,
                      "layer": "head", "colour": colour}, cfg
     layer = layer or model_cfg.eval_layer
@@ -67,7 +71,9 @@ def build_extractor(*, checkpoint: str | os.PathLike | None = None, encoder: str
         if weights:
             raise ValueError("--weights needs a ResNet --encoder, not 'lab'")
         if cfg.window is not None:  # stride-4 normalised Lab pixels for the MAST/CorrFlow protocols
-            return _window_extractor(None, cfg, colour="lab"), {"source": "lab", "stride": 4}, cfg
+            return (WindowFeatures(None, colour="lab", crop_multiple=cfg.window.crop_multiple,
+                                   short_side=cfg.window.short_side, device=cfg.device),
+                    {"source": "lab", "stride": 4}, cfg)
         return LabFeatures.from_config(cfg), {"source": "lab"}, cfg
     if name == "mast_resnet18":
         import torch
@@ -80,7 +86,9 @@ def build_extractor(*, checkpoint: str | os.PathLike | None = None, encoder: str
             torch.manual_seed(int(seed))
             enc = build_model_encoder(ModelConfig(encoder="mast_resnet18", padding_mode="zeros"))
         colour = cfg.window.colour if cfg.window is not None else "lab"
-        ext = _window_extractor(enc, cfg, colour=colour, name=f"mast_resnet18[random seed={seed}]")
+        if cfg.window is None:
+            cfg = dataclasses.replace(cfg, layer="head")  # recorded as used
+        ext = _stride4_extractor(enc, cfg, colour=colour, name=f"mast_resnet18[random seed={seed}]")
         return ext, {"source": "random-init", "encoder": name, "seed": seed, "colour": colour}, cfg
     if layer:
         cfg = dataclasses.replace(cfg, layer=layer)
