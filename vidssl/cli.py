@@ -302,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     src = sp.add_argument_group("feature source (one of)")
     src.add_argument("--checkpoint", metavar="PATH", help="a vidssl run folder, checkpoint folder or .safetensors")
     src.add_argument("--encoder", metavar="NAME", help="built-in: resnet18, resnet50 (random init, stride 8), "
-                     "mast_resnet18 (random init, stride 4; with --preset mast/corrflow), lab (raw Lab pixels), "
+                     "mast_resnet18 (random init, stride 4; any preset), lab (raw Lab pixels), "
                      "identity (copies the first-frame mask)")
     src.add_argument("--weights", metavar="FILE", help="a torchvision ResNet state_dict (with --encoder resnet18/50)")
     sp.add_argument("--seed", type=int, default=0, help="seed of a random-init encoder")
