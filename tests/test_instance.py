@@ -134,6 +134,11 @@ def test_config_errors_name_the_key(one_thread):
                                   "data.clip_len=2"])
     with pytest.raises(ConfigError, match="data.clip_len"):  # frames 0 and 3 need clips of 4
         resolve_run_config(None, ["objectives=[{name: instance, frames: [0, 3]}]", "data.clip_len=2"])
+    from vidssl.engine import build_training_model
+
+    with pytest.raises(ConfigError, match=r"queue_size: 100 must be a multiple of the global batch 8"):  # at build
+        build_training_model(resolve_run_config(None, ["objectives=[{name: instance, queue_size: 100}]",
+                                                       "data.clip_len=2", "train.batch_size=8"]))
 
 
 @pytest.mark.parametrize("frames", [(0, 1), (2, 0)])

@@ -131,11 +131,6 @@ class MultiObjective(nn.Module):
         only = next(iter(self.objectives.values()))
         return only if only.custom_step else None
 
-    @property
-    def min_clip_len(self) -> int:
-        """The longest clip any objective reads from the main stream."""
-        return max([n.clip_len for n in self.needs.values() if n.streams[0] == "main"] or [1])
-
     def param_groups(self) -> list[dict[str, Any]]:
         """Groups the objectives declare (prefixed with their key); every other parameter is in the default group."""
         groups = []

@@ -37,8 +37,8 @@ from vidssl.models.objective import BuildContext, StepContext
 
 def build_training_model(cfg: RunConfig, *, device: str | torch.device = "cpu") -> MultiObjective:
     """Encoder + objectives of a run config (weights freshly initialised from the global RNG)."""
-    ctx = BuildContext(total_steps=cfg.train.steps, data=cfg.data, streams=cfg.stream_configs(),
-                       device=torch.device(device))
+    ctx = BuildContext(total_steps=cfg.train.steps, batch_size=cfg.train.batch_size, data=cfg.data,
+                       streams=cfg.stream_configs(), device=torch.device(device))
     return MultiObjective(build_model_encoder(cfg.model), [(o.name, o.weight, o.params) for o in cfg.objectives],
                           ctx)
 

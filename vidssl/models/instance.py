@@ -258,6 +258,9 @@ class InstanceDiscrimination(Objective):
     @classmethod
     def from_params(cls, encoder: nn.Module, params: InstanceParams, ctx: BuildContext) -> "InstanceDiscrimination":
         kw = to_dict(params)
+        if params.negatives == "queue" and ctx.batch_size and params.queue_size % ctx.batch_size:
+            raise ConfigError(f"objectives[instance].queue_size: {params.queue_size} must be a multiple of the global "
+                              f"batch {ctx.batch_size} (train.batch_size; MoCo's FIFO never wraps inside a batch)")
         if params.negatives == "memory_bank" and params.bank_size == 0:
             if ctx.data is None:
                 raise ConfigError("bank_size: 0 means the main dataset's item count, but no data section is known")

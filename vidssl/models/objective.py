@@ -10,8 +10,8 @@ things through class attributes and class methods, and nothing else in vidssl ha
 2. ``data_needs(params, data)`` -> :class:`DataNeeds`: the streams it reads, the clip length its ``forward`` reads
    (computed from its own parameters), the sampler it requires and the number of shots. The engine checks the run's
    data sections against it before anything is built and names the key to change.
-3. ``from_params(encoder, params, ctx)`` builds it; ``ctx`` is a :class:`BuildContext` (total steps, the data
-   sections, the device), so nothing like ``schedule_steps = train.steps`` has to be repeated in a recipe.
+3. ``from_params(encoder, params, ctx)`` builds it; ``ctx`` is a :class:`BuildContext` (total steps, the global
+   batch size, the data sections, the device), so nothing like ``schedule_steps = train.steps`` has to be repeated in a recipe.
 4. Optionally:
 
    - ``param_groups()``: parameter groups with their own lr scale and weight decay (default: none declared, every
@@ -64,6 +64,7 @@ class BuildContext:
     """What a builder may know about the run: its length, its data and where it runs."""
 
     total_steps: int = 1  #: optimisation steps of the whole run (``train.steps``)
+    batch_size: int = 0  #: global batch of the main stream (``train.batch_size``; 0: not known, e.g. library use)
     data: Any = None  #: the main stream's ``DataConfig``
     streams: Mapping[str, Any] = field(default_factory=dict)  #: every stream's ``DataConfig`` by name, main included
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
