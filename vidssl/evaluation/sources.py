@@ -9,6 +9,7 @@ from typing import Any
 
 from vidssl.evaluation.features import EncoderFeatures, LabFeatures, WindowFeatures, build_encoder_features
 from vidssl.evaluation.presets import PropagationConfig
+from vidssl.models.encoders import ModelConfig
 
 def _stride4_extractor(encoder: Any, cfg: PropagationConfig, *, colour: str, name: str | None = None
                        ) -> WindowFeatures | EncoderFeatures:
@@ -51,14 +52,18 @@ def checkpoint_extractor(checkpoint: str | os.PathLike, cfg: PropagationConfig, 
 
 def build_extractor(*, checkpoint: str | os.PathLike | None = None, encoder: str | None = None,
                     weights: str | os.PathLike | None = None, seed: int = 0, preset: PropagationConfig,
-                    device: str | None = None, layer: str | None = None
+                    device: str | None = None, layer: str | None = None, colour: str | None = None
                     ) -> tuple[Any, dict[str, Any], PropagationConfig]:
     """The extractor named by the ``vidssl propagate`` options, and a description for metrics.json.
 
     Exactly one source: ``checkpoint``; ``encoder`` in resnet18/resnet34/resnet50 (random init from ``seed``, or the
-    torchvision ``weights`` file), ``lab`` or ``identity``; or ``weights`` alone (read as a torchvision ResNet-18
-    state_dict unless ``encoder`` names the architecture). Returns ``(extractor, description, effective config)``.
+    torchvision ``weights`` file), ``mast_resnet18`` (random init; fed ``colour``, default the window preset's or
+    Lab), ``lab`` or ``identity``; or ``weights`` alone (read as a torchvision ResNet-18 state_dict unless
+    ``encoder`` names the architecture). Returns ``(extractor, description, effective config)``. The random-init
+    baseline of a trained model is :func:`random_init_extractor` (its architecture and colour space).
     """
+    if colour is not None and colour not in ("rgb", "lab"):
+        raise ValueError(f"colour: {colour!r}; expected 'rgb' or 'lab'")
     cfg = dataclasses.replace(preset, device=device) if device else preset
     if checkpoint is not None:
         if encoder or weights:
@@ -85,7 +90,7 @@ def build_extractor(*, checkpoint: str | os.PathLike | None = None, encoder: str
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(seed))
             enc = build_model_encoder(ModelConfig(encoder="mast_resnet18", padding_mode="zeros"))
-        colour = cfg.window.colour if cfg.window is not None else "lab"
+        colour = colour or (cfg.window.colour if cfg.window is not None else "lab")
         if cfg.window is None:
             cfg = dataclasses.replace(cfg, layer="head")  # recorded as used
         ext = _stride4_extractor(enc, cfg, colour=colour, name=f"mast_resnet18[random seed={seed}]")
@@ -97,3 +102,34 @@ def build_extractor(*, checkpoint: str | os.PathLike | None = None, encoder: str
     if weights:
         info["weights"] = str(Path(weights))
     return ext, info, cfg
+
+
+def random_init_extractor(model: ModelConfig, *, seed: int, preset: PropagationConfig, device: str | None = None
+                          ) -> tuple[Any, dict[str, Any], PropagationConfig]:
+    """The "same architecture at random init" baseline of a trained model: ``model`` (its ``model:`` section, colour
+    resolved) built from ``seed`` exactly as training builds it -- with the run's ``train.seed`` these are the
+    trained encoder's step-0 weights -- read at ``model.eval_layer`` (stride-4 encoders: their head) and fed the
+    colour space the model trains on (a CorrFlow encoder reads RGB, MAST's Lab), under any preset.
+
+    Returns ``(extractor, description, effective config)`` like :func:`build_extractor`.
+    """
+    import torch
+
+    from vidssl.models.encoders import build_model_encoder
+
+    if model.colour not in ("rgb", "lab"):
+        raise ValueError(f"model.colour: {model.colour!r} is not resolved; pass the model section of a resolved run "
+                         f"config (vidssl.engine.resolve_run_config) or of a checkpoint (model_config_of)")
+    cfg = dataclasses.replace(preset, device=device) if device else preset
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        encoder = build_model_encoder(model)
+    info = {"source": "random-init", "encoder": model.encoder, "seed": int(seed), "colour": model.colour}
+    if model.encoder == "mast_resnet18":
+        if cfg.window is None:
+            cfg = dataclasses.replace(cfg, layer="head")  # recorded as used
+        name = f"{model.encoder}[random seed={seed}].head[{model.colour}]"
+        return _stride4_extractor(encoder, cfg, colour=model.colour, name=name), info, cfg
+    cfg = dataclasses.replace(cfg, layer=model.eval_layer)
+    name = f"{model.encoder}.{model.eval_layer}[random seed={seed}]"
+    return EncoderFeatures.from_config(encoder, cfg, name=name), {**info, "layer": model.eval_layer}, cfg
