@@ -28,7 +28,16 @@ Backends
     in the decoder it is drained instead of fed further packets (the output is identical, verified by the tests).
 ``torchcodec`` (extra ``vidssl[torchcodec]``; needs FFmpeg shared libraries 4-8)
     ``torchcodec.decoders.VideoDecoder(num_ffmpeg_threads=threads, seek_mode=..., device=...)``; ``device="cuda"``
-    decodes on NVDEC and returns CUDA tensors (open such readers in the main process, not in DataLoader workers).
+    decodes on NVDEC (torchcodec's ``"nvdec"`` CUDA backend by default, ``cuda_backend="ffmpeg"`` for FFmpeg's
+    CUDA hwaccel) and returns CUDA tensors; one batched ``get_frames_at`` per read, NVDEC decoders reused through
+    torchcodec's own cache (same codec and size). torchcodec falls back to CPU decoding when NVDEC cannot take a
+    stream; vidssl checks its ``cpu_fallback`` status and raises instead (no silent CPU decoding). Open such readers
+    in the main process, not in DataLoader workers.
+``pynvvideocodec`` (extra ``vidssl[gpu]``; NVIDIA's wheel ``pynvvideocodec``, CUDA only)
+    :class:`PyNvVideoCodecReader`: ``PyNvVideoCodec.SimpleDecoder`` (random access by index, batched
+    ``get_batch_frames_by_index``, RGB conversion on the GPU, its own LRU of hardware decoders), frames handed to
+    torch by DLPack on the reader's CUDA stream; :meth:`PyNvVideoCodecReader.reconfigure` points an open decoder at
+    another file (a cached hardware decoder is reused instead of creating one).
 ``decord`` (extra ``vidssl[decord]``; unmaintained since 2021)
     ``decord.VideoReader(num_threads=threads).get_batch``.
 
@@ -54,7 +63,10 @@ from einops import rearrange
 
 from vidssl.io.base import DecodeError
 
-BACKENDS: tuple[str, ...] = ("pyav", "torchcodec", "decord")
+BACKENDS: tuple[str, ...] = ("pyav", "torchcodec", "decord", "pynvvideocodec")
+
+#: Backends that decode on CUDA only.
+CUDA_ONLY: tuple[str, ...] = ("pynvvideocodec",)
 
 # "auto" takes the first available backend of this order on CPU. Measured with tools/bench_decode.py --quick on the
 # 2-core development machine (shared, load ~6; random clips, one decoder per clip, one thread; CPU ms per clip,
@@ -69,7 +81,12 @@ AUTO_ORDER: tuple[str, ...] = ("pyav", "torchcodec", "decord")
 
 # "auto" with device="cuda" (NVDEC): PyAV's FFmpeg hwaccel first, because PyAV's wheels carry an FFmpeg built with
 # NVDEC and the core dependency suffices; torchcodec's NVDEC needs its CUDA build (download.pytorch.org wheels).
-AUTO_ORDER_CUDA: tuple[str, ...] = ("pyav", "torchcodec")
+# torchcodec's NVDEC and PyNvVideoCodec come after it until tools/gpu_benchmark.sh has measured them on a GPU (not yet).
+AUTO_ORDER_CUDA: tuple[str, ...] = ("pyav", "torchcodec", "pynvvideocodec")
+
+#: What NVDEC needs from the system, whichever library calls it.
+NVCUVID_HINT = ("NVDEC needs the NVIDIA driver's libnvcuvid.so.1 (installed with the driver; containers: "
+                "NVIDIA_DRIVER_CAPABILITIES must include 'video')")
 
 INSTALL_HINTS: dict[str, str] = {
     "pyav": "pip install av",
@@ -79,6 +96,9 @@ INSTALL_HINTS: dict[str, str] = {
         "libavfilter8 libavdevice59, or conda install ffmpeg)"
     ),
     "decord": "pip install 'vidssl[decord]'",
+    "pynvvideocodec": (
+        "pip install 'vidssl[gpu]' (NVIDIA's pynvvideocodec wheel); " + NVCUVID_HINT
+    ),
 }
 
 SeekMode = Literal["exact", "approximate"]
@@ -170,12 +190,8 @@ def available_backends(*, device: str | torch.device = "cpu") -> list[str]:
         return []
     names = []
     for name in (AUTO_ORDER_CUDA if dev.type == "cuda" else AUTO_ORDER):
-        if dev.type == "cuda" and name == "pyav":
-            if nvdec_available():
-                names.append(name)
-            continue
         try:
-            _load_backend(name)
+            check_backend(name, dev)
         except BackendUnavailableError:
             continue
         names.append(name)
@@ -213,7 +229,66 @@ def _load_backend(name: str) -> Any:
         except ImportError as e:
             raise BackendUnavailableError(f"backend 'decord' is not installed: {INSTALL_HINTS['decord']}") from e
         return decord
+    if name == "pynvvideocodec":
+        try:
+            import PyNvVideoCodec as nvc
+        except ImportError as e:
+            raise BackendUnavailableError(
+                f"backend 'pynvvideocodec' is not installed: {INSTALL_HINTS['pynvvideocodec']}") from e
+        except OSError as e:  # the module is there but a shared library (libnvcuvid, libcuda) is not
+            raise BackendUnavailableError(
+                f"backend 'pynvvideocodec' is installed but cannot load its libraries ({e}): "
+                f"{INSTALL_HINTS['pynvvideocodec']}") from e
+        return nvc
     raise ValueError(f"backend: expected one of {('auto',) + BACKENDS}, got {name!r}")
+
+
+def _torchcodec_cuda_problem() -> str | None:
+    """Why this torchcodec cannot decode on CUDA (``None`` when nothing is known to be missing)."""
+    if torch.version.cuda is None:
+        return f"this torch ({torch.__version__}) is a CPU-only build; torchcodec's NVDEC needs torch's CUDA build"
+    try:
+        import torchcodec
+    except ImportError:
+        return None  # reported by _load_backend
+    version = str(getattr(torchcodec, "__version__", ""))
+    if version.endswith("+cpu"):
+        return (f"torchcodec {version} is a CPU-only build; install the CUDA build matching torch "
+                f"{torch.__version__} (e.g. pip install torchcodec --index-url https://download.pytorch.org/whl/"
+                f"cu{torch.version.cuda.replace('.', '')})")
+    return None
+
+
+def check_backend(name: str, device: str | torch.device = "cpu") -> None:
+    """Raise one :class:`BackendUnavailableError` listing everything ``name`` lacks to decode on ``device``.
+
+    Checks, in this order, and reports all that fail in one message: the library (and its FFmpeg or driver
+    libraries), a visible CUDA GPU when ``device`` is CUDA, and for torchcodec a CUDA build. A CPU-only backend asked
+    for CUDA, or a CUDA-only backend asked for the CPU, is a ``ValueError``.
+    """
+    dev = torch.device(device)
+    if dev.type == "cuda" and name == "decord":
+        raise ValueError(f"backend 'decord' decodes on CPU only; use 'pyav', 'torchcodec' or 'pynvvideocodec' for "
+                         f"device={str(dev)!r}")
+    if dev.type != "cuda" and name in CUDA_ONLY:
+        raise ValueError(f"backend {name!r} decodes on CUDA only (device='cuda'); got device={str(dev)!r}")
+    problems: list[str] = []
+    try:
+        _load_backend(name)
+    except BackendUnavailableError as e:
+        problems.append(str(e))
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            problems.append(f"device={str(dev)!r} asked for but no CUDA GPU is visible (torch.cuda.is_available() is "
+                            "False: no GPU, no NVIDIA driver, or a CPU-only torch)")
+        if name == "torchcodec":
+            why = _torchcodec_cuda_problem()
+            if why:
+                problems.append(why)
+        if name == "pyav" and torch.cuda.is_available() and not nvdec_available():
+            problems.append("PyAV's FFmpeg was built without the CUDA hwaccel (NVDEC); PyAV's own wheels have it")
+    if problems:
+        raise BackendUnavailableError(f"backend {name!r} on {str(dev)!r} cannot decode here: " + "; ".join(problems))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -698,7 +773,20 @@ class PyAVReader:
 
 
 class TorchCodecReader:
-    """Frames through ``torchcodec.decoders.VideoDecoder`` (CPU, or NVDEC with ``device="cuda"``)."""
+    """Frames through ``torchcodec.decoders.VideoDecoder`` (CPU, or NVDEC with ``device="cuda"``).
+
+    Args:
+        path: video file.
+        device: ``"cpu"`` or ``"cuda[:N]"``.
+        threads: FFmpeg threads (CPU decoding only).
+        seek_mode: ``"exact"`` (scan at open) or ``"approximate"`` (header only; faster to open).
+        cuda_backend: ``device="cuda"`` only: ``"nvdec"`` (torchcodec's direct NVDEC interface with its decoder
+            cache; the default) or ``"ffmpeg"`` (FFmpeg's CUDA hwaccel inside torchcodec).
+
+    A CUDA reader whose stream NVDEC cannot decode (torchcodec would silently decode it on the CPU) raises:
+    :class:`BackendUnavailableError` when the driver's ``libnvcuvid`` is missing, :class:`DecodeError` when this
+    stream is not supported by NVDEC; both name the file.
+    """
 
     backend = "torchcodec"
 
@@ -709,25 +797,42 @@ class TorchCodecReader:
         device: str | torch.device = "cpu",
         threads: int = 1,
         seek_mode: SeekMode = "exact",
+        cuda_backend: str = "nvdec",
     ) -> None:
+        self._dec = None
         self.device = _check_options(threads=threads, seek_mode=seek_mode, device=device)
         self.path = _check_path(path)
         self.seek_mode = seek_mode
+        if cuda_backend not in ("nvdec", "ffmpeg"):
+            raise ValueError(f"cuda_backend: expected 'nvdec' or 'ffmpeg', got {cuda_backend!r}")
+        self.cuda_backend = cuda_backend if self.device.type == "cuda" else None
+        if self.device.type == "cuda":
+            try:
+                check_backend("torchcodec", self.device)
+            except BackendUnavailableError as e:
+                raise BackendUnavailableError(f"{self.path}: {e}") from None
+            self.device = torch.device("cuda", self.device.index if self.device.index is not None
+                                       else torch.cuda.current_device())
         tcd = _load_backend("torchcodec")
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise BackendUnavailableError(
-                f"{self.path}: device={str(self.device)!r} asked for but no CUDA GPU is visible")
+        self._fallback_checked = self.device.type != "cuda"
         try:
-            self._dec = tcd.VideoDecoder(
-                self.path,
-                seek_mode=seek_mode,
-                num_ffmpeg_threads=threads,
-                device=str(self.device),
-                dimension_order="NCHW",
-            )
+            with self._cuda_backend_context(tcd):
+                self._dec = tcd.VideoDecoder(
+                    self.path,
+                    seek_mode=seek_mode,
+                    num_ffmpeg_threads=threads,
+                    device=str(self.device),
+                    dimension_order="NCHW",
+                )
             md = self._dec.metadata
         except (RuntimeError, ValueError) as e:
+            if self.device.type == "cuda" and any(w in str(e) for w in ("CUDA", "cuda", "NVDEC", "nvcuvid", "device")):
+                raise BackendUnavailableError(
+                    f"{self.path}: torchcodec could not create a CUDA decoder ({e}); "
+                    f"{INSTALL_HINTS['torchcodec']}") from e
             raise DecodeError(f"{self.path}: not a readable video (corrupt, truncated or not a video): {e}") from e
+        if not self._fallback_checked:
+            self._check_fallback()  # the nvdec backend knows at creation; the ffmpeg one after the first frame
         n = md.num_frames
         if not n:
             raise DecodeError(f"{self.path}: contains no video frames")
@@ -747,6 +852,39 @@ class TorchCodecReader:
         self.duration = md.duration_seconds
         self.keyframe_indices: list[int] | None = None
 
+    def _cuda_backend_context(self, tcd):
+        """torchcodec's ``set_cuda_backend`` for CUDA readers (a no-op context otherwise)."""
+        import contextlib
+
+        if self.cuda_backend is None:
+            return contextlib.nullcontext()
+        setter = getattr(tcd, "set_cuda_backend", None)
+        if setter is None:
+            if self.cuda_backend != "nvdec":
+                raise BackendUnavailableError(
+                    f"{self.path}: this torchcodec has no set_cuda_backend (cuda_backend={self.cuda_backend!r} needs "
+                    "torchcodec >= 0.8)")
+            return contextlib.nullcontext()
+        return setter(self.cuda_backend)
+
+    def _check_fallback(self) -> None:
+        """Refuse torchcodec's silent CPU fallback on a CUDA reader (status known: checked once)."""
+        status = getattr(self._dec, "cpu_fallback", None)
+        if status is None:  # a torchcodec without fallback reporting: nothing to check
+            self._fallback_checked = True
+            return
+        if not getattr(status, "status_known", True):
+            return
+        self._fallback_checked = True
+        if bool(status):
+            if getattr(status, "_nvcuvid_unavailable", False):
+                raise BackendUnavailableError(
+                    f"{self.path}: torchcodec cannot load NVDEC (libnvcuvid.so.1 from the NVIDIA driver); it would "
+                    f"decode on the CPU instead ({status}); {NVCUVID_HINT}")
+            raise DecodeError(
+                f"{self.path}: NVDEC cannot decode this stream (torchcodec: {status}); decode it on the CPU "
+                "(device='cpu') or re-encode it to 8-bit H.264/HEVC 4:2:0 (tools/prepare_videos.py)")
+
     def get_frames(self, indices: Sequence[int]) -> torch.Tensor:
         """Frames at ``indices`` as ``uint8 (len(indices), 3, H, W)`` RGB on ``self.device``."""
         if self._dec is None:
@@ -759,6 +897,8 @@ class TorchCodecReader:
             frames = self._dec.get_frames_at(indices=unique).data
         except (RuntimeError, ValueError, IndexError) as e:
             raise DecodeError(f"{self.path}: could not decode frames {unique[:4]}...: {e}") from e
+        if not self._fallback_checked:
+            self._check_fallback()
         return _reorder(frames, unique, idx)
 
     def close(self) -> None:
@@ -772,6 +912,124 @@ class TorchCodecReader:
 
     def __repr__(self) -> str:
         return f"TorchCodecReader({self.path!r}, num_frames={self.num_frames}, device={str(self.device)!r})"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# PyNvVideoCodec
+
+
+class PyNvVideoCodecReader:
+    """Frames through NVIDIA's ``PyNvVideoCodec.SimpleDecoder`` on NVDEC (CUDA only).
+
+    Args:
+        path: video file (a seekable container: mp4, mkv, mov, avi; not a raw elementary stream).
+        device: ``"cuda[:N]"``.
+        seek_mode: ``"exact"`` (the decoder scans the stream for its frame count) or ``"approximate"`` (header).
+        decoder_cache_size: hardware decoders PyNvVideoCodec keeps for :meth:`reconfigure` (LRU, per reader).
+
+    Frames are converted to RGB by PyNvVideoCodec on the GPU and handed to torch by DLPack. The decoder works on a
+    CUDA stream of its own; reads make the caller's current stream wait for it (no host synchronisation) and copy
+    the frames out before the decoder may reuse its surfaces. Rotation metadata is read with PyAV at open (PyAV
+    decodes the first frame on the CPU for it, since the display matrix is only exposed on frames) and applied.
+    """
+
+    backend = "pynvvideocodec"
+
+    def __init__(self, path: str | os.PathLike, *, device: str | torch.device = "cuda", seek_mode: SeekMode = "exact",
+                 decoder_cache_size: int = 4) -> None:
+        self._dec = None
+        dev = _check_options(threads=1, seek_mode=seek_mode, device=device)
+        self.path = _check_path(path)
+        try:
+            check_backend("pynvvideocodec", dev)
+        except BackendUnavailableError as e:
+            raise BackendUnavailableError(f"{self.path}: {e}") from None
+        if decoder_cache_size < 1:
+            raise ValueError(f"decoder_cache_size: must be >= 1, got {decoder_cache_size}")
+        self._nvc = _load_backend("pynvvideocodec")
+        self.device = torch.device("cuda", dev.index if dev.index is not None else torch.cuda.current_device())
+        self.seek_mode = seek_mode
+        self.keyframe_indices: list[int] | None = None
+        self._rotations: dict[str, int] = {}
+        self._stream = torch.cuda.Stream(self.device)  # the decoder's own stream (0 would make it create one)
+        try:
+            self._dec = self._nvc.SimpleDecoder(
+                self.path, gpu_id=self.device.index, cuda_stream=self._stream.cuda_stream, use_device_memory=True,
+                need_scanned_stream_metadata=seek_mode == "exact", decoder_cache_size=decoder_cache_size,
+                output_color_type=self._nvc.OutputColorType.RGB)
+        except Exception as e:  # noqa: BLE001 - PyNvVideoCodec raises plain Exception / RuntimeError variants
+            raise DecodeError(f"{self.path}: PyNvVideoCodec cannot open it (corrupt, not a video, or a stream NVDEC "
+                              f"does not decode): {e}") from e
+        self._read_metadata()
+
+    def _read_metadata(self) -> None:
+        md = self._dec.get_stream_metadata()
+        n = len(self._dec)
+        if not n:
+            raise DecodeError(f"{self.path}: contains no video frames (or is an elementary stream, which "
+                              "PyNvVideoCodec's SimpleDecoder cannot index)")
+        self.num_frames = int(n)
+        fps = float(getattr(md, "average_fps", 0) or 0)
+        self.fps = fps or None
+        coded_h, coded_w = int(getattr(md, "height")), int(getattr(md, "width"))
+        self.codec = getattr(md, "codec_name", None)
+        self.duration = float(getattr(md, "duration", 0) or 0) or None
+        if self.path not in self._rotations:
+            with PyAVReader(self.path, seek_mode="approximate") as probe:
+                self._rotations[self.path] = probe.rotation
+        self.rotation = self._rotations[self.path]
+        self.height, self.width = (coded_w, coded_h) if self.rotation in (90, 270) else (coded_h, coded_w)
+
+    def reconfigure(self, path: str | os.PathLike) -> None:
+        """Point this reader at another file, reusing a cached hardware decoder (no new decoder session)."""
+        if self._dec is None:
+            raise DecodeError(f"{self.path}: reader is closed")
+        new = _check_path(path)
+        self._stream.synchronize()  # the decoder's pending work belongs to the old file
+        try:
+            self._dec.reconfigure_decoder(new)
+        except Exception as e:  # noqa: BLE001
+            raise DecodeError(f"{new}: PyNvVideoCodec cannot reconfigure to it: {e}") from e
+        self.path = new
+        self._read_metadata()
+
+    def get_frames(self, indices: Sequence[int]) -> torch.Tensor:
+        """Frames at ``indices`` as ``uint8 (len(indices), 3, H, W)`` RGB on ``self.device`` (channels-last view)."""
+        if self._dec is None:
+            raise DecodeError(f"{self.path}: reader is closed")
+        idx = _check_indices(indices, self.num_frames, self.path)
+        if not idx:
+            return torch.empty((0, 3, self.height, self.width), dtype=torch.uint8, device=self.device)
+        unique = sorted(set(idx))
+        consumer = torch.cuda.current_stream(self.device)
+        self._stream.wait_stream(consumer)  # earlier copies out of the decoder's surfaces are done first
+        try:
+            with torch.cuda.stream(self._stream):
+                decoded = self._dec.get_batch_frames_by_index(unique)
+                if len(decoded) != len(unique):
+                    raise DecodeError(f"{self.path}: PyNvVideoCodec returned {len(decoded)} of the {len(unique)} "
+                                      f"frames asked for ({unique[:4]}...)")
+                frames = torch.stack([torch.from_dlpack(f) for f in decoded])  # (U, H, W, 3), our memory
+        except DecodeError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            raise DecodeError(f"{self.path}: PyNvVideoCodec could not decode frames {unique[:4]}...: {e}") from e
+        consumer.wait_stream(self._stream)
+        frames.record_stream(consumer)
+        frames = _rotate_thwc(frames, self.rotation)
+        return rearrange(_reorder(frames, unique, idx), "t h w c -> t c h w")
+
+    def close(self) -> None:
+        self._dec = None
+
+    def __enter__(self) -> "PyNvVideoCodecReader":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"PyNvVideoCodecReader({self.path!r}, num_frames={self.num_frames}, device={str(self.device)!r})"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -858,8 +1116,9 @@ def resolve_backend(backend: str = "auto", *, device: str | torch.device = "cpu"
             names = available_backends(device=dev)
             if not names:
                 raise BackendUnavailableError(
-                    f"no NVDEC decoder for device={str(dev)!r}: needs a visible CUDA GPU and PyAV's FFmpeg with the "
-                    f"CUDA hwaccel, or torchcodec's CUDA build ({INSTALL_HINTS['torchcodec']})")
+                    f"no NVDEC decoder for device={str(dev)!r}: needs a visible CUDA GPU and one of PyAV's FFmpeg with "
+                    f"the CUDA hwaccel, torchcodec's CUDA build ({INSTALL_HINTS['torchcodec']}) or PyNvVideoCodec "
+                    f"({INSTALL_HINTS['pynvvideocodec']})")
             return names[0]
         for name in AUTO_ORDER:
             try:
@@ -870,9 +1129,7 @@ def resolve_backend(backend: str = "auto", *, device: str | torch.device = "cpu"
         raise BackendUnavailableError(f"no video decoding backend is installed: {INSTALL_HINTS['pyav']}")
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {('auto',) + BACKENDS}, got {backend!r}")
-    if dev.type == "cuda" and backend == "decord":
-        raise ValueError(f"backend 'decord' decodes on CPU only; use 'pyav' or 'torchcodec' for device={str(dev)!r}")
-    _load_backend(backend)
+    check_backend(backend, dev)
     return backend
 
 
@@ -884,27 +1141,32 @@ def open_video(
     threads: int = 1,
     seek_mode: SeekMode = "exact",
     thread_type: str = "SLICE",
+    cuda_backend: str = "nvdec",
 ):
     """Open an encoded video file for frame-accurate random access.
 
     Args:
         path: video file (mp4, mkv, webm, avi, ...). Frame folders are opened by ``vidssl.io.frames``.
-        backend: ``"auto"``, ``"pyav"``, ``"torchcodec"`` or ``"decord"``.
-        device: ``"cpu"``, or ``"cuda[:N]"`` for NVDEC decoding (PyAV's FFmpeg hwaccel or torchcodec's CUDA build).
+        backend: ``"auto"``, ``"pyav"``, ``"torchcodec"``, ``"decord"`` or ``"pynvvideocodec"`` (CUDA only).
+        device: ``"cpu"``, or ``"cuda[:N]"`` for NVDEC decoding (PyAV's FFmpeg hwaccel, torchcodec's CUDA build or
+            PyNvVideoCodec).
         threads: decoder threads (default 1: parallelism comes from DataLoader workers; 0 = FFmpeg's choice).
         seek_mode: ``"exact"`` (frame count and index -> timestamp map from a packet scan at open) or
             ``"approximate"`` (from the header; faster to open, may be off on variable-frame-rate files).
         thread_type: PyAV only: ``"SLICE"`` (default, safe inside forked workers), ``"FRAME"`` or ``"AUTO"``.
+        cuda_backend: torchcodec on CUDA only: ``"nvdec"`` (default) or ``"ffmpeg"`` (see :class:`TorchCodecReader`).
 
     Returns:
         a :class:`~vidssl.io.base.FrameReader`; ``get_frames(indices) -> uint8 (T, 3, H, W)`` RGB on ``device``.
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
-        DecodeError: not a video, no video stream, zero frames, truncated or corrupt (the message names the file).
-        BackendUnavailableError: the backend (or its FFmpeg libraries) is not installed; the message says what to
-            install.
-        ValueError: an unknown backend / seek_mode / device, or a CPU-only backend asked for CUDA.
+        DecodeError: not a video, no video stream, zero frames, truncated or corrupt, or (CUDA) a stream NVDEC cannot
+            decode (the message names the file).
+        BackendUnavailableError: the backend, its FFmpeg or driver libraries, or the GPU is missing; one message says
+            everything that is missing and what to install. Never a silent fallback to CPU decoding.
+        ValueError: an unknown backend / seek_mode / device, a CPU-only backend asked for CUDA or a CUDA-only
+            backend asked for the CPU.
     """
     dev = _check_options(threads=threads, seek_mode=seek_mode, device=device)
     _check_path(path)
@@ -912,7 +1174,9 @@ def open_video(
     if name == "pyav":
         return PyAVReader(path, threads=threads, thread_type=thread_type, seek_mode=seek_mode, device=dev)
     if name == "torchcodec":
-        return TorchCodecReader(path, device=dev, threads=threads, seek_mode=seek_mode)
+        return TorchCodecReader(path, device=dev, threads=threads, seek_mode=seek_mode, cuda_backend=cuda_backend)
+    if name == "pynvvideocodec":
+        return PyNvVideoCodecReader(path, device=dev, seek_mode=seek_mode)
     return DecordReader(path, threads=threads)
 
 
