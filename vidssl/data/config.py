@@ -47,7 +47,8 @@ class DataConfig:
     color_jitter: float = 0.0  #: brightness/contrast/saturation strength, clip-consistent
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
-    decoder: Literal["auto", "torchcodec", "pyav", "decord"] = "auto"  #: backend for encoded video
+    #: backend for encoded video (``pynvvideocodec``: data.device=cuda only)
+    decoder: Literal["auto", "torchcodec", "pyav", "decord", "pynvvideocodec"] = "auto"
     decode_threads: int = 1  #: decoder threads per worker
     device: Literal["cpu", "cuda"] = "cpu"  #: where decoding and augmentation run (cuda: main process, batched)
     num_workers: int = 0
@@ -55,9 +56,11 @@ class DataConfig:
     #: GPU path only: idle decoders kept open per process (LRU) instead of one per item; an NVDEC decoder costs
     #: ~160 ms to open on an H200 (a CPU one ~25 ms), so reuse pays (CPU workers always open one per item)
     reader_cache: int = 64
-    #: GPU path only: clips decoded concurrently by threads of the main process (NVDEC / nvjpeg engines run in
-    #: parallel); the next batch is decoded while the current one trains
+    #: GPU path only: concurrent decode sessions (threads of the main process, each with its own decoders and CUDA
+    #: stream; NVDEC / nvjpeg engines run in parallel: one per engine or more); clips of one file are decoded together
     gpu_decode_threads: int = 4
+    #: GPU path only: batches decoded and augmented ahead of the training step (bounded queue)
+    gpu_prefetch: int = 2
     #: random clips start only on keyframes of encoded videos: nothing before the clip is decoded (faster), but the
     #: sampling distribution changes (starts every keyframe interval only); off by default
     keyframe_aligned: bool = False
@@ -106,6 +109,10 @@ class DataConfig:
             raise ConfigError(f"{p}keyframe_aligned: applies to sampler 'random' only, got sampler={self.sampler!r}")
         if self.gpu_decode_threads < 1:
             raise ConfigError(f"{p}gpu_decode_threads: must be >= 1, got {self.gpu_decode_threads}")
+        if self.gpu_prefetch < 1:
+            raise ConfigError(f"{p}gpu_prefetch: must be >= 1, got {self.gpu_prefetch}")
+        if self.decoder == "pynvvideocodec" and self.device != "cuda":
+            raise ConfigError(f"{p}decoder: 'pynvvideocodec' decodes on the GPU only; set {p}device=cuda")
         if self.reader_cache < 0:
             raise ConfigError(f"{p}reader_cache: must be >= 0 (0 opens a decoder per item), got {self.reader_cache}")
 

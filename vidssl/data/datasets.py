@@ -301,6 +301,18 @@ class ClipDataset(Dataset):
             out += [shots[k][0] + (j - grid[k][0]) * step for j in group]
         return out
 
+    def item_indices(self, v: int, num_frames: int, clip: int, generator: torch.Generator,
+                     keyframes: Sequence[int] | None = None) -> list[int]:
+        """Frame indices an item reads from video ``v`` (``num_frames`` long): the shots sampler or
+        :meth:`frame_indices` (what :meth:`load_clip` decodes; the GPU pipeline batches them per file)."""
+        if self.sampler == "shots":
+            return self._shot_indices(self.entries[v], num_frames, generator)
+        return self.frame_indices(num_frames, clip, generator, keyframes)
+
+    def known_bad(self, v: int) -> bool:
+        """Whether video ``v`` already failed ``max_retries`` times in this process (it is skipped from now on)."""
+        return v in self._bad
+
     @staticmethod
     def shot_ids(entry: VideoEntry, indices: Sequence[int]) -> tuple[list[int], list[tuple[int, int]]]:
         """The shot of every frame index, numbered ``0..`` in time order among those read, and their ranges."""
@@ -333,11 +345,7 @@ class ClipDataset(Dataset):
                     continue
                 failed = True
                 try:
-                    n = reader.num_frames
-                    if self.sampler == "shots":
-                        ids = self._shot_indices(entry, n, g)
-                    else:
-                        ids = self.frame_indices(n, clip, g, getattr(reader, "keyframe_indices", None))
+                    ids = self.item_indices(v, reader.num_frames, clip, g, getattr(reader, "keyframe_indices", None))
                     frames = reader.get_frames(ids)
                     failed = False
                 except (DecodeError, OSError) as exc:

@@ -201,15 +201,19 @@ class ClipLoader:
         num_workers: DataLoader worker processes (CPU path).
         gpu_augment: when given, the GPU path: items are decoded in this process on ``device`` and augmented in
             batches by it (the dataset must have ``transform=None`` and its readers on ``device``).
-        gpu_threads: GPU path: clips decoded concurrently by this many threads of this process (the GPU's decode
-            engines work in parallel and PyAV releases the GIL while decoding); the next batch is decoded while the
-            current one is used. The batches do not depend on it.
+        gpu_threads: GPU path: concurrent decode sessions (threads of this process, each with its own decoders and
+            CUDA stream; NVDEC engines work in parallel): :class:`vidssl.data.gpu_pipeline.ClipPipeline`. Clips of
+            one file in a batch are decoded by one call, decoders are kept per session (``dataset.reader_cache``
+            shared out among the sessions) and reconfigured rather than reopened where the backend can. The batches
+            do not depend on it.
+        gpu_prefetch: GPU path: batches decoded and augmented ahead of the training step (a bounded queue).
         drop_last: drop the last incomplete batch of an epoch.
     """
 
     def __init__(self, dataset: ClipDataset | ImageFolderDataset, *, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
                  device: str | torch.device = "cpu", num_workers: int = 0,
-                 gpu_augment: BatchClipAugment | None = None, drop_last: bool = True, gpu_threads: int = 1) -> None:
+                 gpu_augment: BatchClipAugment | None = None, drop_last: bool = True, gpu_threads: int = 1,
+                 gpu_prefetch: int = 2) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size: must be >= 1, got {batch_size}")
         if world_size < 1 or not 0 <= rank < world_size:
@@ -222,6 +226,10 @@ class ClipLoader:
         if gpu_threads < 1:
             raise ValueError(f"gpu_threads: must be >= 1, got {gpu_threads}")
         self.gpu_threads = gpu_threads
+        if gpu_prefetch < 1:
+            raise ValueError(f"gpu_prefetch: must be >= 1, got {gpu_prefetch}")
+        self.gpu_prefetch = gpu_prefetch
+        self.pipeline = None  # the ClipPipeline of the last GPU-path epoch (its stats)
         self.drop_last = drop_last
         self.epoch = 0
         self.skipped = 0
@@ -268,31 +276,15 @@ class ClipLoader:
             yield batch
 
     def _iter_gpu(self) -> Iterator[dict]:
-        from concurrent.futures import ThreadPoolExecutor
+        from vidssl.data.gpu_pipeline import ClipPipeline
 
         order = list(iter(self.sampler))
         stop = len(self) * self.batch_size
         batches = [order[start:start + self.batch_size] for start in range(0, stop, self.batch_size)]
-        with ThreadPoolExecutor(max_workers=self.gpu_threads, thread_name_prefix="vidssl-decode") as pool:
-            pending = [pool.submit(self.dataset.load_clip, i) for i in batches[0]] if batches else []
-            for k, batch_ids in enumerate(batches):
-                loaded = [f.result() for f in pending]  # LoadedClip, frames uint8 (T, 3, H, W) on the device
-                pending = [pool.submit(self.dataset.load_clip, i) for i in batches[k + 1]] \
-                    if k + 1 < len(batches) else []  # decode the next batch while this one is used
-                yield self._gpu_batch(batch_ids, loaded)
-
-    def _gpu_batch(self, batch_ids: list[int], loaded: list) -> dict:
-        clips, params = [], []
-        for clip in loaded:
-            t, _, h, w = clip.frames.shape
-            params.append(self.gpu_augment.sample_params(t, h, w, generator=clip.generator))
-            clips.append(clip.frames.to(self.device))
-        video = self.gpu_augment(clips, params)  # (B, T, 3, S, S) float32 on the device
-        return {"video": video,
-                "index": torch.tensor(batch_ids, dtype=torch.int64),
-                "frames": torch.stack([torch.tensor(c.indices, dtype=torch.int64) for c in loaded]),
-                "skipped": torch.tensor([c.skipped for c in loaded], dtype=torch.int64),
-                "video_index": torch.tensor([c.video for c in loaded], dtype=torch.int64)}
+        cache = max(1, getattr(self.dataset, "reader_cache", 0) // self.gpu_threads)
+        self.pipeline = ClipPipeline(self.dataset, self.gpu_augment, device=self.device, sessions=self.gpu_threads,
+                                     cache_size=cache, prefetch=self.gpu_prefetch)
+        yield from self.pipeline.iterate(batches)
 
 
 def build_loader(cfg: DataConfig, *, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
@@ -340,7 +332,7 @@ def build_loader(cfg: DataConfig, *, batch_size: int, seed: int, rank: int = 0, 
                       cfg.num_workers)
         dataset = ClipDataset(entries, transform=None, device=dev, reader_cache=cfg.reader_cache, **common)
         return ClipLoader(dataset, batch_size=batch_size, seed=seed, rank=rank, world_size=world_size, device=dev,
-                          gpu_threads=cfg.gpu_decode_threads,
+                          gpu_threads=cfg.gpu_decode_threads, gpu_prefetch=cfg.gpu_prefetch,
                           num_workers=0, gpu_augment=BatchClipAugment.from_config(cfg), drop_last=drop_last)
     dataset = ClipDataset(entries, transform=transform, device="cpu", **common)
     return ClipLoader(dataset, batch_size=batch_size, seed=seed, rank=rank, world_size=world_size, device=device,
