@@ -122,3 +122,85 @@ def test_nvdec_frames_match_the_cpu_reader(tmp_path):
         assert b.device.type == "cuda" and b.shape == a.shape == (len(want), 3, 96, 128) and b.dtype == torch.uint8
         assert [decode_frame_index(f) for f in b.permute(0, 2, 3, 1).cpu().numpy()] == want
         assert (a.int() - b.cpu().int()).abs().float().mean() < 2.0
+
+
+# ----------------------------------------------------------------------------------------------- every CUDA backend
+
+#: Stated tolerance of every NVDEC backend against the CPU reader (PyAV/swscale): mean |difference| in 8-bit levels.
+#: Index-coded frames (black/white blocks) must decode to the same index; saturated colours may differ by the
+#: backend's own YUV->RGB rounding and chroma upsampling.
+GPU_TOLERANCE = {"index": 2.0, "colour": 4.0}
+
+
+def _cuda_backend_or_skip(backend: str) -> None:
+    from vidssl.io.video import check_backend
+
+    try:
+        check_backend(backend, "cuda")
+    except BackendUnavailableError as e:
+        pytest.skip(str(e))
+
+
+def _colour_video(n: int, h: int, w: int) -> np.ndarray:
+    return np.stack([np.roll(_textured_rgb(h, w, seed=s % 3), 3 * s, axis=1) for s in range(n)])
+
+
+@pytest.mark.parametrize("backend", ["pyav", "torchcodec", "pynvvideocodec"])
+@pytest.mark.parametrize("seek_mode", ["exact", "approximate"])
+def test_every_cuda_backend_matches_the_cpu_reader(tmp_path, backend, seek_mode):
+    _cuda_backend_or_skip(backend)
+    idx_path = write_video(tmp_path / "idx.mp4", frame_index_video(40, 96, 128), gop=10)
+    col_path = write_video(tmp_path / "col.mp4", _colour_video(20, 96, 128), gop=8)
+    want = [0, 3, 17, 18, 39, 5, 5]
+    with open_video(idx_path, backend="pyav") as cpu, \
+            open_video(idx_path, backend=backend, device="cuda", seek_mode=seek_mode) as gpu:
+        assert gpu.device.type == "cuda" and gpu.num_frames == cpu.num_frames == 40
+        a, b = cpu.get_frames(want), gpu.get_frames(want)
+        assert b.device.type == "cuda" and b.shape == a.shape == (len(want), 3, 96, 128) and b.dtype == torch.uint8
+        assert [decode_frame_index(f) for f in b.permute(0, 2, 3, 1).cpu().numpy()] == want
+        assert (a.int() - b.cpu().int()).abs().float().mean() < GPU_TOLERANCE["index"]
+    with open_video(col_path, backend="pyav") as cpu, open_video(col_path, backend=backend, device="cuda") as gpu:
+        a, b = cpu.get_frames([0, 7, 19, 8]), gpu.get_frames([0, 7, 19, 8])
+        d = (a.int() - b.cpu().int()).abs().float().mean().item()
+        print(f"{backend}: mean |GPU - CPU| on saturated colours {d:.2f} levels")
+        assert d < GPU_TOLERANCE["colour"], d
+
+
+def test_pynvvideocodec_reconfigure_reads_the_new_file(tmp_path):
+    _cuda_backend_or_skip("pynvvideocodec")
+    a = write_video(tmp_path / "a.mp4", frame_index_video(30, 64, 96), gop=10)
+    b = write_video(tmp_path / "b.mp4", frame_index_video(45, 64, 96)[::-1].copy(), gop=10)  # frame i spells 44-i
+    with open_video(a, backend="pynvvideocodec", device="cuda") as r:
+        assert [decode_frame_index(f) for f in r.get_frames([2, 29]).permute(0, 2, 3, 1).cpu().numpy()] == [2, 29]
+        r.reconfigure(b)
+        assert r.num_frames == 45 and r.path == str(b)
+        got = r.get_frames([0, 44, 10]).permute(0, 2, 3, 1).cpu().numpy()
+        assert [decode_frame_index(f) for f in got] == [44, 0, 34]
+
+
+@pytest.mark.parametrize("backend", ["pyav", "torchcodec", "pynvvideocodec"])
+def test_gpu_pipeline_matches_its_cpu_twin(tmp_path, backend):
+    """The pipeline on CUDA (sessions with their own streams, events, batched augmentation) gives the CPU twin's
+    batches: the same items and frame indices, pixels within the backend's colour tolerance."""
+    _cuda_backend_or_skip(backend)
+    from vidssl.data.config import DataConfig
+    from vidssl.data.datasets import ClipDataset
+    from vidssl.data.gpu_pipeline import ClipPipeline
+    from vidssl.data.manifest import VideoEntry
+    from vidssl.data.transforms import BatchClipAugment
+
+    entries = []
+    for v, n in enumerate((30, 41, 25)):
+        p = write_video(tmp_path / f"v{v}.mp4", frame_index_video(n, 64, 96), gop=10)
+        entries.append(VideoEntry(name=f"v{v}", path=str(p), kind="video", num_frames=n))
+    aug = BatchClipAugment.from_config(DataConfig(source="video", root="x", crop_size=32, flip=0.5, color_jitter=0.3))
+    batches = [[0, 4, 1, 7], [2, 8, 5, 3]]
+    out = {}
+    for dev, b in (("cpu", "pyav"), ("cuda", backend)):
+        ds = ClipDataset(entries, clip_len=4, stride=2, clips_per_video=3, seed=3, backend=b, device=dev)
+        out[dev] = list(ClipPipeline(ds, aug, device=dev, sessions=3, cache_size=2, prefetch=2).iterate(batches))
+    for c, g in zip(out["cpu"], out["cuda"]):
+        assert g["video"].device.type == "cuda"
+        assert torch.equal(c["frames"], g["frames"]) and torch.equal(c["index"], g["index"])
+        # 4 levels of colour tolerance, through crop and normalisation (std ~0.225): ~0.07
+        assert (c["video"] - g["video"].cpu()).abs().mean() < 0.07
