@@ -130,3 +130,36 @@ def test_clip_too_short_for_objective(tmp_path):
     with pytest.raises(ValueError, match=r"data.clip_len: 2 is too short for objective .crw. \(objectives.0\), "
                                          r"which reads 3 frames"):
         train(tiny_cfg("data.clip_len=2"), tmp_path / "r", loader=TensorLoader(T=2), progress=False, echo=False)
+
+
+def test_train_amp_resolves_per_device(monkeypatch):
+    from vidssl.engine import trainer
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    for native in (True, False):
+        monkeypatch.setattr(trainer, "cpu_has_native_bf16", lambda native=native: native)
+        assert trainer.effective_amp("native", cpu) == ("bf16" if native else "off")
+        assert [trainer.effective_amp(a, cpu) for a in ("auto", "off", "bf16", "fp16")] == ["off", "off", "bf16", "off"]
+    assert [trainer.effective_amp(a, cuda) for a in ("auto", "off", "bf16", "fp16", "native")] == [
+        "bf16", "off", "bf16", "fp16", "bf16"]
+
+
+def test_bf16_autocast_and_channels_last_on_the_cpu(tmp_path, capsys, monkeypatch):
+    """train.amp=bf16 runs the step under CPU autocast (the loss differs from fp32 but stays close: the loss
+    arithmetic is fp32), channels_last keeps the weights channels-last, and the checkpoint holds the trained weights."""
+    from vidssl.engine import trainer
+
+    built = []
+    build = trainer.build_training_model
+    monkeypatch.setattr(trainer, "build_training_model", lambda *a, **k: built.append(build(*a, **k)) or built[-1])
+    losses = {}
+    for amp in ("off", "bf16"):
+        cfg = tiny_cfg("train.steps=1", f"train.amp={amp}", "train.channels_last=true")
+        summary = train(cfg, tmp_path / amp, loader=TensorLoader(), progress=False, echo=False)
+        losses[amp] = json.loads((tmp_path / amp / "log.jsonl").read_text().splitlines()[0])["loss"]
+        conv = built[-1].encoder.conv1
+        assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+        weights, _, _ = read_weights(Path(summary["checkpoint"]))
+        torch.testing.assert_close(weights["encoder.conv1.weight"], conv.weight.detach())
+    assert "autocast bf16 on cpu (train.amp=bf16)" in capsys.readouterr().err
+    assert losses["bf16"] != losses["off"] and losses["bf16"] == pytest.approx(losses["off"], rel=0.05)

@@ -104,12 +104,30 @@ def build_optimizer(params: Iterable[nn.Parameter] | list[dict[str, Any]], cfg: 
     return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 matrix products natively (AMX tiles or AVX512-BF16)."""
+    cpu = getattr(torch, "cpu", None)
+    checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    return any(bool(getattr(cpu, name, lambda: False)()) for name in checks)
+
+
+def effective_amp(amp: str, device: torch.device) -> str:
+    """The autocast dtype ``train.amp`` resolves to on ``device``: ``"off"``, ``"bf16"`` or ``"fp16"``."""
+    if amp == "off":
+        return "off"
+    if device.type == "cuda":
+        return "fp16" if amp == "fp16" else "bf16"
+    if amp == "bf16" or (amp == "native" and cpu_has_native_bf16()):
+        return "bf16"
+    return "off"  # auto and fp16 on the CPU, native on a CPU without native bf16
+
+
 def _autocast(amp: str, device: torch.device):
-    """``(autocast context factory, use an fp16 GradScaler)`` for ``train.amp`` on ``device`` (off on the CPU)."""
-    if device.type != "cuda" or amp == "off":
+    """``(autocast context factory, use an fp16 GradScaler)`` for the resolved :func:`effective_amp` on ``device``."""
+    if amp == "off":
         return contextlib.nullcontext, False
     dtype = torch.float16 if amp == "fp16" else torch.bfloat16
-    return functools.partial(torch.autocast, "cuda", dtype=dtype), dtype == torch.float16
+    return functools.partial(torch.autocast, device.type, dtype=dtype), dtype == torch.float16
 
 
 def _truncate_log(path: Path, last_step: int) -> None:
@@ -227,7 +245,12 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: str | Path | None = No
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     custom = model.custom_step
     opts = _optimizers(model, cfg)
-    autocast, fp16 = _autocast(cfg.train.amp, device)
+    amp = effective_amp(cfg.train.amp, device)
+    autocast, fp16 = _autocast(amp, device)
+    if cfg.train.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if dist_info.is_main and amp != "off":
+        print(f"autocast {amp} on {device.type} (train.amp={cfg.train.amp})", file=sys.stderr)
     scalers = {name: torch.amp.GradScaler("cuda") if fp16 else None for name in opts}
     gen = torch.Generator(device=device)
     gen.manual_seed(cfg.train.seed * 1_000_003 + dist_info.rank)
