@@ -84,3 +84,12 @@ def test_apply_overrides_creates_sections_and_rejects_scalars():
 def test_from_dict_plain_dataclass():
     cfg = from_dict(RunConfig, {"train": {"seed": 3}})
     assert cfg.train.seed == 3 and to_dict(cfg)["train"]["seed"] == 3
+
+
+def test_yaml_off_is_the_string_off_where_a_choice_allows_it():
+    from vidssl.config import ConfigError, from_dict
+    from vidssl.engine.config import TrainConfig
+
+    assert from_dict(TrainConfig, {"amp": False}).amp == "off"  # `amp: off` in YAML 1.1 is a boolean
+    with pytest.raises(ConfigError, match="train.amp: True is not allowed"):
+        from_dict(TrainConfig, {"amp": True}, prefix="train")

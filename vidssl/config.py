@@ -45,7 +45,9 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     if tp is Any:
         return value
     if origin is Literal:
-        if value in get_args(tp):
+        if isinstance(value, bool) and ("off" if not value else "on") in get_args(tp):
+            return "on" if value else "off"  # YAML 1.1 reads a bare off/on as a boolean
+        if value in get_args(tp) and not (isinstance(value, bool) and True not in get_args(tp)):
             return value
         raise ConfigError(f"{key}: {value!r} is not allowed; expected {_type_name(tp)}")
     if origin in (Union, types.UnionType):
