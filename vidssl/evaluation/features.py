@@ -22,10 +22,11 @@ propagation families.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Protocol, Sequence, runtime_checkable
+from typing import TYPE_CHECKING, Any, Iterator, Literal, Protocol, Sequence, runtime_checkable
 
 import torch
 import torch.nn as nn
@@ -338,6 +339,29 @@ class WindowFeatures:
         return {"kind": "window" if self.encoder is not None else "lab_pixels", "name": self.name, "stride": 4,
                 "channels": self.channels, "colour": self.colour, "crop_multiple": self.crop_multiple,
                 "short_side": self.short_side}
+
+
+@contextlib.contextmanager
+def recalibrating_batchnorm(encoder: nn.Module) -> Iterator[int]:
+    """Re-estimate the running statistics of every BatchNorm of ``encoder`` (that keeps them) from what passes
+    through it inside the block: statistics reset, train mode, cumulative average (``momentum=None``); on exit the
+    encoder is in eval mode with the new statistics and the old momenta (weights untouched). Yields the layer count.
+
+    For a fair random-init baseline: a trained checkpoint carries statistics of real frames, a fresh network mean 0 /
+    variance 1, and that difference alone changes frozen features.
+    """
+    bns = [m for m in encoder.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    momenta = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average
+    encoder.train()
+    try:
+        yield len(bns)
+    finally:
+        encoder.eval()
+        for m, mom in zip(bns, momenta):
+            m.momentum = mom
 
 
 class FrameFeatures:

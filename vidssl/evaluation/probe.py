@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from einops import einsum, rearrange, reduce
 
 from vidssl.data.labelled import ProbeItem, ProbeSet, read_item_frames
+from vidssl.evaluation.features import recalibrating_batchnorm
 from vidssl.io.atomic import atomic_write_text
 from vidssl.models.encoders import ModelConfig, build_model_encoder
 from vidssl.models.lab import normalise_lab, rgb_to_lab
@@ -400,29 +401,15 @@ def clip_features(items: Sequence[ProbeItem], features: FrameFeatures, *, batch_
 def recalibrate_batchnorm(items: Sequence[ProbeItem], features: FrameFeatures, *, batch_size: int = 32) -> int:
     """Replace the running statistics of every BatchNorm of ``features.encoder`` (that keeps them) by their
     cumulative average over the frames of ``items`` (no augmentation; weights untouched). Returns the layers reset.
-
-    For a fair random-init baseline: a trained checkpoint carries statistics of real frames, a fresh network mean 0 /
-    variance 1, and that difference alone changes frozen features.
+    See :func:`vidssl.evaluation.features.recalibrating_batchnorm`.
     """
-    bns = [m for m in features.encoder.modules()
-           if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-    momenta = [m.momentum for m in bns]
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative moving average
-    features.encoder.train()
-    try:
-        with torch.no_grad():
-            for _, x in _frame_batches(items, features, batch_size):
-                if features.layer is not None:
-                    features.encoder(x, upto=features.layer)  # b c h w (statistics updated)
-                else:
-                    features.encoder(x)  # b c h w (statistics updated)
-    finally:
-        features.encoder.eval()
-        for m, mom in zip(bns, momenta):
-            m.momentum = mom
-    return len(bns)
+    with recalibrating_batchnorm(features.encoder) as count, torch.no_grad():
+        for _, x in _frame_batches(items, features, batch_size):
+            if features.layer is not None:
+                features.encoder(x, upto=features.layer)  # b c h w (statistics updated)
+            else:
+                features.encoder(x)  # b c h w (statistics updated)
+    return count
 
 
 # ============================================================================================ protocols on a set
