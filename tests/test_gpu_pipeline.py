@@ -200,7 +200,9 @@ def test_clips_of_one_file_are_decoded_by_one_call(videos):
     assert sorted(rec.calls) == sorted(expected)  # the union of the group's clips, sorted, once
     # one session, cache of 4: every file opened once, then reused
     assert rec.opens == {e.path: 1 for e in videos}
-    assert pipe.stats.cache.opens == 4 and pipe.stats.cache.hits == 8 - 4 and pipe.stats.cache.closes == 4
+    assert pipe.stats.cache.opens == 4 and pipe.stats.cache.hits == 8 - 4 and pipe.stats.cache.closes == 0
+    pipe.close()
+    assert pipe.stats.cache.closes == 4 and pipe.stats.cache.opens == 4
 
 
 class Reconfigurable:
@@ -303,6 +305,9 @@ def test_consumer_stopping_early_shuts_the_threads_down(videos):
     for k, _ in enumerate(pipe.iterate(BATCHES * 3)):
         if k == 1:
             break
+    assert threading.active_count() == before + 3  # the producer is gone; the sessions stay for the next epoch
+    assert len(list(pipe.iterate(BATCHES))) == 3  # and serve it
+    pipe.close()
     deadline = time.monotonic() + 5
     while threading.active_count() > before and time.monotonic() < deadline:
         time.sleep(0.02)
@@ -315,8 +320,10 @@ def test_worker_error_surfaces_with_the_file_name(videos):
     ds = dataset(videos)
     rec = Recorder(pyav_open, fail={"v1.mp4": ValueError("boom in the decoder")})
     before = threading.active_count()
+    pipe = pipeline(ds, sessions=2, open_fn=rec)
     with pytest.raises(PipelineError, match=r"v1\.mp4.*items \[4\].*ValueError: boom in the decoder"):
-        list(pipeline(ds, sessions=2, open_fn=rec).iterate(BATCHES))
+        list(pipe.iterate(BATCHES))
+    pipe.close()
     time.sleep(0.1)
     assert threading.active_count() == before
 
@@ -352,6 +359,10 @@ def test_clip_loader_gpu_path_runs_the_pipeline(videos):
     assert len(batches) == 3 and loader.pipeline is not None
     stats = loader.pipeline.stats
     assert stats.batches == 3 and stats.cache.opens <= 4 and stats.max_ahead <= 2
+    loader.set_epoch(1)
+    assert len(list(loader)) == 3 and loader.pipeline is not None and loader.pipeline.stats.batches == 6
+    assert loader.pipeline.stats.cache.opens == stats.cache.opens  # epoch 2 reuses the open decoders
+    loader.close()
     with pytest.raises(ValueError, match="gpu_prefetch"):
         ClipLoader(ds, batch_size=4, seed=1, gpu_augment=BatchClipAugment.from_config(AUG), gpu_prefetch=0)
 

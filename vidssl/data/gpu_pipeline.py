@@ -157,7 +157,7 @@ def group_by_file(dataset: ClipDataset, items: Sequence[int], *, group_size: int
 
 @dataclass
 class _Job:
-    group: ClipGroup
+    group: ClipGroup | None
     future: Future = field(default_factory=Future)
 
 
@@ -186,7 +186,8 @@ class DecodeSession:
         self._thread = threading.Thread(target=self._run, name=f"vidssl-decode-{ident}", daemon=True)
         self._thread.start()
 
-    def submit(self, group: ClipGroup) -> Future:
+    def submit(self, group: ClipGroup | None) -> Future:
+        """Queue ``group`` (``None``: a marker whose future completes once the jobs before it are done)."""
         job = _Job(group)
         self._jobs.put(job)
         return job.future
@@ -203,6 +204,9 @@ class DecodeSession:
                 if job is None:
                     return
                 if not job.future.set_running_or_notify_cancel():
+                    continue
+                if job.group is None:
+                    job.future.set_result(None)
                     continue
                 try:
                     job.future.set_result(self._decode(job.group))
@@ -304,6 +308,25 @@ class ClipPipeline:
         self.open_penalty = open_penalty
         self.open_fn = open_fn or self._default_open
         self.stats = PipelineStats()
+        self._sessions: list[DecodeSession] = []  # kept across iterate() calls (epochs): their decoders stay open
+        self._closed_calls, self._closed_cache = 0, CacheStats()  # counts of sessions already closed
+
+    def close(self) -> None:
+        """Stop the decode sessions and close their readers (a later :meth:`iterate` starts new ones)."""
+        sessions, self._sessions = self._sessions, []
+        for s in sessions:
+            s.close()
+        self._update_stats(sessions)
+
+    def _update_stats(self, sessions: list[DecodeSession]) -> None:
+        if sessions:
+            self.stats.decode_calls = self._closed_calls + sum(s.decode_calls for s in sessions)
+            cache = CacheStats()
+            for s in sessions:
+                cache = cache.add(s.cache.stats)
+            self.stats.cache = self._closed_cache.add(cache)
+        if sessions and not self._sessions:  # closed: fold their counts into the base
+            self._closed_calls, self._closed_cache = self.stats.decode_calls, self.stats.cache
 
     def _default_open(self, path: str) -> FrameReader:
         from vidssl.io.readers import open_reader
@@ -413,10 +436,15 @@ class ClipPipeline:
     # -- consumer ----------------------------------------------------------------------------------------------
 
     def iterate(self, batches: Iterable[Sequence[int]]) -> Iterator[dict]:
-        """Batches for the item indices of ``batches`` (each a list of dataset indices), in that order."""
+        """Batches for the item indices of ``batches`` (each a list of dataset indices), in that order.
+
+        The decode sessions (and their open decoders) outlive the call, for the next epoch; :meth:`close` ends
+        them."""
         batches = [list(b) for b in batches]
-        sessions = [DecodeSession(k, self.dataset, device=self.device, cache_size=self.cache_size,
-                                  open_fn=self.open_fn) for k in range(self.sessions)]
+        if not self._sessions:
+            self._sessions = [DecodeSession(k, self.dataset, device=self.device, cache_size=self.cache_size,
+                                            open_fn=self.open_fn) for k in range(self.sessions)]
+        sessions = self._sessions
         out: queue.Queue = queue.Queue(maxsize=self.prefetch)
         stop = threading.Event()
         consumed = [0]
@@ -445,8 +473,12 @@ class ClipPipeline:
                 except queue.Empty:
                     pass
             producer.join()
-            for s in sessions:
-                s.close()
-                self.stats.decode_calls += s.decode_calls
-                self.stats.cache = self.stats.cache.add(s.cache.stats)
+            self._drain(sessions)
+            self._update_stats(sessions)
+
+    @staticmethod
+    def _drain(sessions: list[DecodeSession]) -> None:
+        """Wait until every session has finished its queued jobs (those of batches nobody will consume)."""
+        for s in sessions:
+            s.submit(None).result()
 

@@ -229,7 +229,7 @@ class ClipLoader:
         if gpu_prefetch < 1:
             raise ValueError(f"gpu_prefetch: must be >= 1, got {gpu_prefetch}")
         self.gpu_prefetch = gpu_prefetch
-        self.pipeline = None  # the ClipPipeline of the last GPU-path epoch (its stats)
+        self.pipeline = None  # the GPU path's ClipPipeline, made at the first epoch (its stats)
         self.drop_last = drop_last
         self.epoch = 0
         self.skipped = 0
@@ -281,10 +281,16 @@ class ClipLoader:
         order = list(iter(self.sampler))
         stop = len(self) * self.batch_size
         batches = [order[start:start + self.batch_size] for start in range(0, stop, self.batch_size)]
-        cache = max(1, getattr(self.dataset, "reader_cache", 0) // self.gpu_threads)
-        self.pipeline = ClipPipeline(self.dataset, self.gpu_augment, device=self.device, sessions=self.gpu_threads,
-                                     cache_size=cache, prefetch=self.gpu_prefetch)
+        if self.pipeline is None:  # one per loader: its sessions keep their decoders open from epoch to epoch
+            cache = max(1, getattr(self.dataset, "reader_cache", 0) // self.gpu_threads)
+            self.pipeline = ClipPipeline(self.dataset, self.gpu_augment, device=self.device,
+                                         sessions=self.gpu_threads, cache_size=cache, prefetch=self.gpu_prefetch)
         yield from self.pipeline.iterate(batches)
+
+    def close(self) -> None:
+        """Stop the GPU path's decode sessions (their threads and open decoders); the CPU path has none."""
+        if self.pipeline is not None:
+            self.pipeline.close()
 
 
 def build_loader(cfg: DataConfig, *, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
