@@ -3,7 +3,8 @@
 
     python tools/bench_decode.py --quick            # a few minutes on 2 cores (test videos cached after the 1st run)
     python tools/bench_decode.py                    # the full grid (~30 minutes on 2 cores)
-    python tools/bench_decode.py --device cuda      # NVDEC and the GPU path (on a GPU machine)
+    python tools/bench_decode.py --device cuda      # the GPU grid (on a GPU machine; tools/gpu_benchmark.sh)
+    python tools/bench_decode.py --device cpu --grid-smoke   # the GPU grid's code on the CPU, tiny videos
 
 What it does:
 1. Writes its own test videos with PyAV (textured, moving, with film grain; H.264 yuv420p 30 fps, 10 s, x264 preset
@@ -30,10 +31,16 @@ What it does:
 5. A training step (ResNet-18 stride 8, forward+backward+SGD on the CPU; quick: 64x64 crops, 1 clip of 8 frames;
    full: 128x128, 2 clips) is fed by the vidssl DataLoader; the share of step time spent waiting for data is
    reported.
-6. ``--device cuda``: NVDEC clips/s (every backend that decodes on CUDA there: PyAV's FFmpeg hwaccel, torchcodec's
-   CUDA build; main process) at 480p and 1080p, CPU decoding on the same machine for reference, and end-to-end
-   clips/s into a GPU training step for the vidssl GPU path (``data.device: cuda``) and the CPU DataLoader path.
-   Skipped, with the reason printed, when nothing decodes on the GPU there.
+6. ``--device cuda`` (the GPU grid; issue #15): on 480p and 1080p videos at keyframe interval 30 and 8, clips of
+   8x1 and 16x2 frames, over ``--files`` files (links to one video), batch ``--batch`` (20, CRW's): clips/s of the
+   GPU pipeline (``vidssl.data.gpu_pipeline``: ``--sessions`` decode sessions, per-file batching, decoder cache,
+   batched GPU augmentation, prefetch) for each NVDEC backend (PyAV's FFmpeg hwaccel, torchcodec's CUDA build,
+   PyNvVideoCodec; a missing one is skipped with the reason), with 1 session on the first case, and of the CPU
+   DataLoader with one worker per core, on the same clip list; NVDEC utilisation from NVML sampled during each GPU
+   measurement and the GPU's maximum video clock; then data time vs step time of ``vidssl pretrain`` on the CRW
+   recipe (configs/crw_kinetics.yaml, batch 20) for the GPU path and the CPU path. Prints a Markdown table
+   (``--markdown``, ``--json``). ``--device cpu --grid-smoke`` runs the same code on the CPU twin with tiny videos.
+   tools/gpu_benchmark.sh runs it on a lent GPU machine.
 
 Targets checked at the end: the vidssl dataset reaches >= 0.95x the best raw backend on each pattern; the default
 backend is the fastest available; random 8-frame clips at 480p GOP 30 reach >= 25 clips/s with one worker.
@@ -42,6 +49,7 @@ backend is the fastest available; random 8-frame clips at 480p GOP 30 reach >= 2
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -400,121 +408,277 @@ def train_share(path: Path, *, workers: int, steps: int, device: str = "cpu", cr
 # GPU
 
 
-def cuda_section(workdir: Path, *, budget_s: float, seed: int, log: Callable[[str], None]) -> dict:
-    """NVDEC clips/s at 480p/1080p (every CUDA-capable backend) and end-to-end clips/s into a GPU training step:
-    the vidssl GPU path (``data.device: cuda``: NVDEC in the main process + batched GPU augmentation) against the
-    CPU path (DataLoader workers decoding + per-clip CPU augmentation)."""
-    from einops import rearrange
+class NvdecMonitor:
+    """NVDEC utilisation sampled through NVML (``pynvml``, package nvidia-ml-py) while a block runs.
 
-    from vidssl.data.config import DataConfig
-    from vidssl.data.loader import build_loader
-    from vidssl.models.encoders import build_encoder
+    ``nvmlDeviceGetDecoderUtilization`` is the share of time the decode engines were busy over the driver's last
+    sampling period; samples every ``period_s``. ``available`` is False (and the readings None) without NVML.
+    """
 
-    out: dict = {"gpu": torch.cuda.get_device_name(0), "cpus": os.cpu_count()}
-    backends = available_backends(device="cuda")
-    out["cuda_backends"] = backends
-    vids = {"480p": make_video(workdir / "bench_480p_g30.mp4", height=480, width=854, gop=30),
-            "1080p": make_video(workdir / "bench_1080p_g30.mp4", height=1080, width=1920, gop=30, num_frames=150)}
-    usable = []
-    for b in backends:
+    def __init__(self, device_index: int = 0, period_s: float = 0.05) -> None:
+        self.period_s = period_s
+        self.samples: list[int] = []
+        self._stop = None
         try:
-            with open_video(vids["480p"], backend=b, device="cuda") as r, open_video(vids["480p"], backend="pyav") as c:
-                g, ref = r.get_frames([0, 7, 45]), c.get_frames([0, 7, 45])
-            diff = (g.cpu().int() - ref.int()).abs().float().mean().item()
-            out[f"{b}_vs_cpu_mean_abs_diff"] = diff
-            log(f"  {b} NVDEC: frames 0/7/45 vs the CPU reader: mean |diff| {diff:.2f} levels")
-            usable.append(b)
-        except Exception as e:  # noqa: BLE001
-            log(f"  {b} NVDEC unusable here: {type(e).__name__}: {e}")
-            out[f"{b}_error"] = f"{type(e).__name__}: {e}"
-    if not usable:
-        out["skipped"] = "no NVDEC backend works here"
-        log(out["skipped"])
+            import pynvml
+
+            pynvml.nvmlInit()
+            self._nvml = pynvml
+            self._handle = pynvml.nvmlDeviceGetHandleByIndex(device_index)
+            self.available = True
+        except Exception as e:  # noqa: BLE001 - no NVML library, no driver, no GPU
+            self.available = False
+            self.error = f"{type(e).__name__}: {e}"
+
+    def clocks(self) -> dict:
+        """The GPU's maximum and current video clock (MHz), or the reason they are unknown."""
+        if not self.available:
+            return {"error": self.error}
+        n = self._nvml
+        out = {}
+        for name, fn in (("max_video_clock_mhz", n.nvmlDeviceGetMaxClockInfo),
+                         ("video_clock_mhz", n.nvmlDeviceGetClockInfo)):
+            try:
+                out[name] = int(fn(self._handle, n.NVML_CLOCK_VIDEO))
+            except Exception as e:  # noqa: BLE001
+                out[name] = f"{type(e).__name__}: {e}"
         return out
-    nv = []
-    for vname, path in vids.items():
-        with open_video(path) as r:
-            n = r.num_frames
-        for clip_len, stride in [(8, 1), (16, 2)]:
-            res: dict = {"video": vname, "clip": f"{clip_len}x{stride}"}
-            modes = [(f"{b}-nvdec-per-clip", b, False) for b in usable] + \
-                    [(f"{b}-nvdec-reused", b, True) for b in usable] + [("cpu-pyav-1thread", "pyav", False)]
-            for mode, b, reuse in modes:
-                dev = "cpu" if mode.startswith("cpu") else "cuda"
-                count, t0 = 0, time.perf_counter()
-                reader = open_video(path, backend=b, device=dev) if reuse else None
-                while time.perf_counter() - t0 < budget_s or count < 3:
-                    idx = clip_indices(n, clip_len, stride, count, seed=seed)
-                    if reader is not None:
-                        x = reader.get_frames(idx)
-                    else:
-                        with open_video(path, backend=b, device=dev) as r:
-                            x = r.get_frames(idx)
-                    count += 1
-                if x.is_cuda:
-                    torch.cuda.synchronize()
-                res[mode] = count / (time.perf_counter() - t0)
-                if reader is not None:
-                    reader.close()
-            nv.append(res)
-            log(f"  {vname} {res['clip']}: " + ", ".join(f"{k} {v:.1f}" for k, v in res.items()
-                                                         if isinstance(v, float)) + " clips/s")
-    out["nvdec"] = nv
 
-    # end-to-end into a training step: random 8-frame clips, random resized crop 256, flip, colour jitter,
-    # normalisation; ResNet-18 (stride 8) forward+backward+SGD under bf16 autocast, batch 8
-    model = build_encoder("resnet18", out_layer="layer4").to("cuda")
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
-    batch = 8
+    def __enter__(self) -> "NvdecMonitor":
+        import threading
 
-    def step(video: torch.Tensor) -> None:  # video: (B, T, 3, S, S) float on the GPU
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model(rearrange(video, "b t c h w -> (b t) c h w")).float().pow(2).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        self.samples = []
+        if self.available:
+            self._stop = threading.Event()
+            self._thread = threading.Thread(target=self._run, daemon=True)
+            self._thread.start()
+        return self
 
-    e2e = {}
-    workers = min(12, os.cpu_count() or 1)
-    plans = [("480p", "gpu", 1), ("480p", "gpu", 4), ("480p", "gpu", 8), ("480p", "cpu", workers),
-             ("1080p", "gpu", 8), ("1080p", "cpu", workers)]
-    for vname, where, k_par in plans:
-        root = workdir / f"e2e_{vname}"
-        root.mkdir(exist_ok=True)
-        link = root / f"{vname}.mp4"
+    def _run(self) -> None:
+        while not self._stop.wait(self.period_s):
+            try:
+                self.samples.append(int(self._nvml.nvmlDeviceGetDecoderUtilization(self._handle)[0]))
+            except Exception:  # noqa: BLE001
+                return
+
+    def __exit__(self, *exc: object) -> None:
+        if self._stop is not None:
+            self._stop.set()
+            self._thread.join()
+
+    def summary(self) -> dict:
+        if not self.samples:
+            return {"nvdec_util_mean": None, "nvdec_util_max": None}
+        return {"nvdec_util_mean": round(float(np.mean(self.samples)), 1), "nvdec_util_max": max(self.samples)}
+
+
+#: The GPU grid: (name, height, width, keyframe interval, frames) x (clip_len, stride).
+GPU_VIDEOS = [("480p-g30", 480, 854, 30, 300), ("480p-g8", 480, 854, 8, 300),
+              ("1080p-g30", 1080, 1920, 30, 150), ("1080p-g8", 1080, 1920, 8, 150)]
+GPU_CLIPS = [(8, 1), (16, 2)]
+#: ``--device cpu --grid-smoke``: the same code on tiny videos (checks the tool, measures nothing of interest)
+SMOKE_VIDEOS = [("smoke-g8", 64, 96, 8, 40)]
+SMOKE_CLIPS = [(4, 1)]
+
+
+def clip_set(workdir: Path, name: str, height: int, width: int, gop: int, frames: int, *, files: int):
+    """``files`` entries that all point at one generated video (symbolic links): a clip list over many files."""
+    from vidssl.data.manifest import VideoEntry
+
+    src = make_video(workdir / f"bench_{height}p_g{gop}_{frames}.mp4", height=height, width=width, gop=gop,
+                     num_frames=frames)
+    with open_video(src) as r:
+        n = r.num_frames
+    folder = workdir / f"set_{name}"
+    folder.mkdir(exist_ok=True)
+    entries = []
+    for k in range(files):
+        link = folder / f"{name}_{k:03d}.mp4"
         if not link.exists():
-            link.symlink_to(vids[vname].resolve())
-        mode = f"{vname} gpu-path {k_par} decode threads" if where == "gpu" else f"{vname} cpu-path {k_par} workers"
-        cfg = DataConfig(source="video", root=str(root), clip_len=8, stride=1, clips_per_video=4096, crop_size=256,
-                         color_jitter=0.4, flip=0.5, device="cuda" if where == "gpu" else "cpu",
-                         num_workers=0 if where == "gpu" else k_par, gpu_decode_threads=k_par if where == "gpu" else 1)
-        loader = build_loader(cfg, batch_size=batch, seed=seed, device="cuda", cache_dir=workdir / "e2e_cache")
-        it = iter(loader)
-        data_t = comp_t = 0.0
-        steps = 0
-        t_start = time.perf_counter()
-        k = 0
-        while time.perf_counter() - t_start < 3 * budget_s or steps < 5:
-            t0 = time.perf_counter()
-            video = next(it)["video"]
-            torch.cuda.synchronize()
-            t1 = time.perf_counter()
-            step(video)
-            torch.cuda.synchronize()
-            t2 = time.perf_counter()
-            if k >= 2:  # warm-up: worker start, cuDNN autotune
-                data_t += t1 - t0
-                comp_t += t2 - t1
-                steps += 1
-            k += 1
+            link.symlink_to(src.resolve())
+        entries.append(VideoEntry(name=link.stem, path=str(link), kind="video", num_frames=n))
+    return folder, entries
+
+
+def _loader(entries, *, clip_len: int, stride: int, batch: int, seed: int, mode: str, backend: str,
+            device: str, sessions: int, workers: int):
+    """A ClipLoader over ``entries``: the GPU pipeline (``mode="pipeline"``) or the CPU DataLoader path; both draw
+    the same items in the same order (one sampler seed, per-item generators)."""
+    from vidssl.data.config import DataConfig
+    from vidssl.data.datasets import ClipDataset
+    from vidssl.data.loader import ClipLoader
+    from vidssl.data.transforms import BatchClipAugment, ClipTransform
+
+    cfg = DataConfig(source="video", root="-", clip_len=clip_len, stride=stride, crop_size=256, flip=0.5)
+    common = dict(clip_len=clip_len, stride=stride, sampler="random", clips_per_video=64, seed=seed, backend=backend)
+    if mode == "pipeline":
+        ds = ClipDataset(entries, transform=None, device=device, reader_cache=max(64, 4 * sessions), **common)
+        return ClipLoader(ds, batch_size=batch, seed=seed, device=device, gpu_augment=BatchClipAugment.from_config(cfg),
+                          gpu_threads=sessions, gpu_prefetch=2)
+    ds = ClipDataset(entries, transform=ClipTransform.from_config(cfg), device="cpu", **common)
+    return ClipLoader(ds, batch_size=batch, seed=seed, device=device, num_workers=workers)
+
+
+def measure_loader(loader, *, budget_s: float, device: str, monitor: NvdecMonitor | None = None,
+                   warmup: int = 2) -> dict:
+    """Clips/s delivered by ``loader`` (batches on ``device``) after ``warmup`` batches, for ``budget_s``."""
+    loader.set_epoch(0)
+    it = iter(loader)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    try:
+        for _ in range(warmup):
+            next(it)
+        sync()
+        clips, t0 = 0, time.perf_counter()
+        with monitor if monitor is not None else contextlib.nullcontext():
+            while time.perf_counter() - t0 < budget_s:
+                clips += next(it)["video"].shape[0]
+            sync()
+        dt = time.perf_counter() - t0
+    finally:
         del it
-        loader.dataset.close()
-        e2e[mode] = {"clips_per_s": steps * batch / (data_t + comp_t), "data_share": data_t / (data_t + comp_t),
-                     "step_ms": 1000 * comp_t / steps, "steps": steps}
-        log(f"  end-to-end {mode}: {e2e[mode]['clips_per_s']:.1f} clips/s into training, data share "
-            f"{e2e[mode]['data_share']:.0%}, GPU step {e2e[mode]['step_ms']:.0f} ms ({steps} steps)")
-    out["end_to_end"] = e2e
+    out = {"clips_per_s": round(clips / dt, 1), "clips": clips}
+    if monitor is not None and monitor.available:
+        out.update(monitor.summary())
+    pipe = getattr(loader, "pipeline", None)
+    if pipe is not None:
+        c = pipe.stats.cache
+        out["decoder_cache"] = {"opens": c.opens, "reconfigures": c.reconfigures, "hits": c.hits}
+        loader.close()
     return out
+
+
+def gpu_grid(workdir: Path, *, device: str, budget_s: float, seed: int, sessions: int, batch: int, files: int,
+             smoke: bool, log: Callable[[str], None]) -> dict:
+    """Clips/s of every NVDEC backend through the pipeline (``sessions`` decode sessions, and 1 session on the first
+    case) and of the CPU DataLoader with one worker per core, on the same clip list, for every video x clip case;
+    NVDEC utilisation during each GPU measurement. ``device="cpu"`` (``smoke``) runs the same code on the CPU twin."""
+    from vidssl.io.video import BackendUnavailableError, check_backend
+
+    out: dict = {"device": device, "cpus": os.cpu_count(), "sessions": sessions, "batch": batch, "files": files}
+    mon = NvdecMonitor() if device == "cuda" else None
+    if device == "cuda":
+        out["gpu"] = torch.cuda.get_device_name(0)
+        out["clocks"] = mon.clocks()
+        log(f"GPU {out['gpu']}: video clock {out['clocks']}; NVML: {'yes' if mon.available else mon.error}")
+    backends = []
+    for b in (("pyav", "torchcodec", "pynvvideocodec") if device == "cuda" else ("pyav",)):
+        try:
+            check_backend(b, device)
+            backends.append(b)
+        except (BackendUnavailableError, ValueError) as e:
+            out[f"{b}_skipped"] = str(e)
+            log(f"  skipping {b}: {e}")
+    out["backends"] = backends
+    workers = 2 if smoke else (os.cpu_count() or 1)
+    rows = []
+    videos, clips = (SMOKE_VIDEOS, SMOKE_CLIPS) if smoke else (GPU_VIDEOS, GPU_CLIPS)
+    for vi, (vname, h, w, gop, frames) in enumerate(videos):
+        _, entries = clip_set(workdir, vname, h, w, gop, frames, files=files)
+        for ci, (clip_len, stride) in enumerate(clips):
+            modes = [(f"{b}-x{sessions}", "pipeline", b, sessions) for b in backends]
+            if vi == 0 and ci == 0 and sessions > 1:
+                modes += [(f"{b}-x1", "pipeline", b, 1) for b in backends]
+            modes.append((f"cpu-loader-{workers}w", "cpu", "pyav", 0))
+            row = {"video": vname, "clip": f"{clip_len}x{stride}", "modes": {}}
+            for name, mode, b, k in modes:
+                try:
+                    loader = _loader(entries, clip_len=clip_len, stride=stride, batch=batch, seed=seed, mode=mode,
+                                     backend=b, device=device, sessions=k, workers=workers)
+                    res = measure_loader(loader, budget_s=budget_s, device=device,
+                                         monitor=mon if mode == "pipeline" else None)
+                except Exception as e:  # noqa: BLE001 - a backend failing is a result too
+                    res = {"error": f"{type(e).__name__}: {e}"}
+                    traceback.print_exc()
+                row["modes"][name] = res
+                log(f"  {vname} {clip_len}x{stride} {name}: " + (f"{res['clips_per_s']:.1f} clips/s" if "clips_per_s"
+                    in res else res["error"]) + (f", NVDEC {res['nvdec_util_mean']}% mean / {res['nvdec_util_max']}% "
+                                                 "max" if res.get("nvdec_util_mean") is not None else ""))
+            cpu = row["modes"][f"cpu-loader-{workers}w"].get("clips_per_s")
+            gpu = {n: r["clips_per_s"] for n, r in row["modes"].items() if "clips_per_s" in r and n.startswith(
+                tuple(backends)) and n.endswith(f"x{sessions}")}
+            if gpu and cpu:
+                best = max(gpu, key=gpu.get)
+                row["best_gpu"], row["gpu_over_cpu"] = best, round(gpu[best] / cpu, 2)
+            rows.append(row)
+    out["rows"] = rows
+    return out
+
+
+def crw_data_share(workdir: Path, folder: Path, *, device: str, steps: int, sessions: int, backends: Sequence[str],
+                   log: Callable[[str], None], smoke: bool = False) -> dict:
+    """Data time vs step time of ``vidssl pretrain`` on the CRW recipe (configs/crw_kinetics.yaml, batch 20) over
+    the clip set in ``folder``: the GPU path with each backend, and the CPU path with one worker per core."""
+    import subprocess
+
+    repo = Path(__file__).resolve().parents[1]
+    workers = 2 if smoke else (os.cpu_count() or 1)
+    plans = [(f"gpu-{b}-x{sessions}", ["data.device=cuda", f"data.decoder={b}", f"data.gpu_decode_threads={sessions}"])
+             for b in backends] if device == "cuda" else []
+    plans.append((f"cpu-loader-{workers}w", ["data.device=cpu", "data.decoder=pyav", f"data.num_workers={workers}"]))
+    out = {}
+    for name, sets in plans:
+        run = workdir / "runs" / f"crw_{name}"
+        if run.exists():
+            import shutil
+
+            shutil.rmtree(run)
+        sets = sets + [f"data.root={folder}", "data.manifest=", f"train.steps={steps}", "train.log_every=5",
+                       f"train.ckpt_every={steps}", "eval.enabled=false", f"train.device={device}"]
+        if smoke:
+            sets += ["train.batch_size=2", "data.crop_size=64", "objectives.0.patch_size=32",
+                     "objectives.0.patch_stride=16", "train.threads=1"]
+        cmd = [sys.executable, "-m", "vidssl", "pretrain", "--config", str(repo / "configs" / "crw_kinetics.yaml"),
+               "--out", str(run)] + [a for s in sets for a in ("--set", s)]
+        env = {**os.environ, "VIDSSL_CACHE": str(workdir / "cache"), "PYTHONPATH": str(repo) + os.pathsep +
+               os.environ.get("PYTHONPATH", "")}
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if proc.returncode:
+            out[name] = {"error": (proc.stderr or proc.stdout)[-800:]}
+            log(f"  CRW {name}: failed: {out[name]['error'][-300:]}")
+            continue
+        recs = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines() if x.strip()]
+        recs = [r for r in recs if "data_time" in r]
+        steady = recs[1:] or recs  # the first window holds start-up (workers, cuDNN autotune, decoder creation)
+        data = float(np.mean([r["data_time"] for r in steady]))
+        step = float(np.mean([r["step_time"] for r in steady]))
+        out[name] = {"data_s": round(data, 4), "step_s": round(step, 4), "data_share": round(data / (data + step), 3),
+                     "clips_per_s": round(float(np.mean([r["clips_per_s"] for r in steady])), 1),
+                     "wall_s": round(time.perf_counter() - t0, 1)}
+        log(f"  CRW {name}: data {data * 1000:.1f} ms vs step {step * 1000:.1f} ms -> data share "
+            f"{out[name]['data_share']:.1%}, {out[name]['clips_per_s']} clips/s")
+    return out
+
+
+def markdown(results: dict) -> str:
+    """The GPU grid and the CRW data shares as Markdown tables."""
+    grid = results.get("grid", {})
+    rows = grid.get("rows", [])
+    names: list[str] = []
+    for r in rows:
+        names += [n for n in r["modes"] if n not in names]
+    lines = [f"GPU: {grid.get('gpu', '-')}, {grid.get('cpus')} CPUs, clocks {grid.get('clocks', '-')}; batch "
+             f"{grid.get('batch')}, {grid.get('files')} files; clips/s (NVDEC utilisation mean %)", "",
+             "| video | clip | " + " | ".join(names) + " | best GPU / CPU |", "|---|---|" + "---|" * (len(names) + 1)]
+    for r in rows:
+        cells = []
+        for n in names:
+            m = r["modes"].get(n, {})
+            if "clips_per_s" in m:
+                util = f" ({m['nvdec_util_mean']}%)" if m.get("nvdec_util_mean") is not None else ""
+                cells.append(f"{m['clips_per_s']}{util}")
+            else:
+                cells.append("error" if "error" in m else "-")
+        lines.append(f"| {r['video']} | {r['clip']} | " + " | ".join(cells) + f" | {r.get('gpu_over_cpu', '-')} |")
+    crw = results.get("crw", {})
+    if crw:
+        lines += ["", "| CRW recipe, batch 20 | data ms | step ms | data share | clips/s |", "|---|---|---|---|---|"]
+        for n, m in crw.items():
+            lines.append(f"| {n} | " + (f"{1000 * m['data_s']:.1f} | {1000 * m['step_s']:.1f} | "
+                                        f"{m['data_share']:.1%} | {m['clips_per_s']} |" if "data_s" in m
+                                        else "error | | | |"))
+    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -585,8 +749,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--train-steps", type=int, default=None, help="training steps for the data-time share")
     p.add_argument("--json", default=None, help="also write the results as JSON here")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sessions", type=int, default=8, help="GPU grid: decode sessions of the pipeline")
+    p.add_argument("--batch", type=int, default=20, help="GPU grid: clips per batch (CRW's 20)")
+    p.add_argument("--files", type=int, default=32, help="GPU grid: files per clip set (links to one video)")
+    p.add_argument("--crw-steps", type=int, default=30, help="GPU grid: CRW training steps per mode (0: skip)")
+    p.add_argument("--grid-smoke", action="store_true", help="run the GPU grid's code on the CPU on tiny videos")
+    p.add_argument("--markdown", default=None, help="GPU grid: also write the Markdown table here")
     a = p.parse_args(argv)
-    budget = a.budget or (0.8 if a.quick else 1.5)
+    if a.grid_smoke:
+        a.sessions, a.batch, a.files = min(a.sessions, 2), min(a.batch, 4), min(a.files, 3)
+        a.crw_steps = min(a.crw_steps, 4)
+    budget = a.budget or (0.5 if a.grid_smoke else 2.5 if a.device == "cuda" else 0.8 if a.quick else 1.5)
     workdir = Path(a.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
 
@@ -599,16 +772,34 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"auto = {resolve_backend('auto')}")
     results: dict = {"mode": "quick" if a.quick else "full", "cpus": os.cpu_count(), "torch": torch.__version__,
                      "backends": available_backends(), "budget_s": budget, "reps": a.reps}
-    if a.device == "cuda":
-        if not torch.cuda.is_available():
+    if a.device == "cuda" or a.grid_smoke:
+        device = a.device
+        if device == "cuda" and not torch.cuda.is_available():
             log("--device cuda: no CUDA GPU visible; nothing to measure")
             return 1
-        log(f"GPU section (NVDEC backends here: {available_backends(device='cuda')}; clips/s, main process):")
-        results["cuda"] = cuda_section(workdir, budget_s=budget, seed=a.seed, log=log)
+        if a.grid_smoke and device != "cpu":
+            log("--grid-smoke runs the GPU grid's code on the CPU twin: use it with --device cpu")
+            return 2
+        smoke = a.grid_smoke
+        log(f"GPU grid on {device}{' (smoke: tiny videos, CPU twin)' if smoke else ''}: {a.sessions} decode "
+            f"sessions, batch {a.batch}, {a.files} files per clip set, {budget:.1f}s per measurement")
+        results["grid"] = gpu_grid(workdir, device=device, budget_s=budget, seed=a.seed, sessions=a.sessions,
+                                   batch=a.batch, files=a.files, smoke=smoke, log=log)
+        if a.crw_steps:
+            name, h, w, gop, frames = (SMOKE_VIDEOS if smoke else GPU_VIDEOS)[0]
+            folder, _ = clip_set(workdir, name, h, w, gop, frames, files=a.files)
+            log(f"CRW recipe (configs/crw_kinetics.yaml, batch 20) data time vs step time on {name}:")
+            results["crw"] = crw_data_share(workdir, folder, device=device, steps=a.crw_steps, sessions=a.sessions,
+                                            backends=[b for b in results["grid"]["backends"] if b != "pyav"] or
+                                            results["grid"]["backends"], log=log, smoke=smoke)
         results["elapsed_s"] = time.perf_counter() - t_start
-        log(f"done in {results['elapsed_s']:.0f}s (the CPU grid runs without --device cuda)")
+        table = markdown(results)
+        log(table)
+        log(f"done in {results['elapsed_s']:.0f}s")
         if a.json:
             atomic_write_text(a.json, json.dumps(results, indent=1, default=str))
+        if a.markdown:
+            atomic_write_text(a.markdown, table + "\n")
         return 0
     log("writing/caching test videos ...")
     specs = {"480p-g30": (480, 854, 30), "480p-g250": (480, 854, 250), "720p-g30": (720, 1280, 30),
