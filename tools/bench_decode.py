@@ -549,7 +549,7 @@ def measure_loader(loader, *, budget_s: float, device: str, monitor: NvdecMonito
 
 
 def gpu_grid(workdir: Path, *, device: str, budget_s: float, seed: int, sessions: int, batch: int, files: int,
-             smoke: bool, log: Callable[[str], None]) -> dict:
+             smoke: bool, log: Callable[[str], None], on_row: Callable[[dict], None] = lambda out: None) -> dict:
     """Clips/s of every NVDEC backend through the pipeline (``sessions`` decode sessions, and 1 session on the first
     case) and of the CPU DataLoader with one worker per core, on the same clip list, for every video x clip case;
     NVDEC utilisation during each GPU measurement. ``device="cpu"`` (``smoke``) runs the same code on the CPU twin."""
@@ -601,12 +601,15 @@ def gpu_grid(workdir: Path, *, device: str, budget_s: float, seed: int, sessions
                 best = max(gpu, key=gpu.get)
                 row["best_gpu"], row["gpu_over_cpu"] = best, round(gpu[best] / cpu, 2)
             rows.append(row)
+            out["rows"] = rows
+            on_row(out)  # partial results survive a time limit
     out["rows"] = rows
     return out
 
 
 def crw_data_share(workdir: Path, folder: Path, *, device: str, steps: int, sessions: int, backends: Sequence[str],
-                   log: Callable[[str], None], smoke: bool = False) -> dict:
+                   log: Callable[[str], None], smoke: bool = False,
+                   on_mode: Callable[[dict], None] = lambda out: None) -> dict:
     """Data time vs step time of ``vidssl pretrain`` on the CRW recipe (configs/crw_kinetics.yaml, batch 20) over
     the clip set in ``folder``: the GPU path with each backend, and the CPU path with one worker per core."""
     import subprocess
@@ -648,6 +651,7 @@ def crw_data_share(workdir: Path, folder: Path, *, device: str, steps: int, sess
                      "wall_s": round(time.perf_counter() - t0, 1)}
         log(f"  CRW {name}: data {data * 1000:.1f} ms vs step {step * 1000:.1f} ms -> data share "
             f"{out[name]['data_share']:.1%}, {out[name]['clips_per_s']} clips/s")
+        on_mode(out)
     return out
 
 
@@ -783,23 +787,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         smoke = a.grid_smoke
         log(f"GPU grid on {device}{' (smoke: tiny videos, CPU twin)' if smoke else ''}: {a.sessions} decode "
             f"sessions, batch {a.batch}, {a.files} files per clip set, {budget:.1f}s per measurement")
+        def save(partial: dict | None = None) -> None:
+            if partial is not None:
+                results["grid"] = partial
+            if a.json:
+                atomic_write_text(a.json, json.dumps(results, indent=1, default=str))
+            if a.markdown:
+                atomic_write_text(a.markdown, markdown(results) + "\n")
+
         results["grid"] = gpu_grid(workdir, device=device, budget_s=budget, seed=a.seed, sessions=a.sessions,
-                                   batch=a.batch, files=a.files, smoke=smoke, log=log)
+                                   batch=a.batch, files=a.files, smoke=smoke, log=log, on_row=save)
         if a.crw_steps:
             name, h, w, gop, frames = (SMOKE_VIDEOS if smoke else GPU_VIDEOS)[0]
             folder, _ = clip_set(workdir, name, h, w, gop, frames, files=a.files)
             log(f"CRW recipe (configs/crw_kinetics.yaml, batch 20) data time vs step time on {name}:")
             results["crw"] = crw_data_share(workdir, folder, device=device, steps=a.crw_steps, sessions=a.sessions,
                                             backends=[b for b in results["grid"]["backends"] if b != "pyav"] or
-                                            results["grid"]["backends"], log=log, smoke=smoke)
+                                            results["grid"]["backends"], log=log, smoke=smoke,
+                                            on_mode=lambda crw: (results.__setitem__("crw", crw), save()))
         results["elapsed_s"] = time.perf_counter() - t_start
-        table = markdown(results)
-        log(table)
+        save()
+        log(markdown(results))
         log(f"done in {results['elapsed_s']:.0f}s")
-        if a.json:
-            atomic_write_text(a.json, json.dumps(results, indent=1, default=str))
-        if a.markdown:
-            atomic_write_text(a.markdown, table + "\n")
         return 0
     log("writing/caching test videos ...")
     specs = {"480p-g30": (480, 854, 30), "480p-g250": (480, 854, 250), "720p-g30": (720, 1280, 30),

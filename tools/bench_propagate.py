@@ -15,10 +15,18 @@ Frames: the first ``--frames`` frames of a DAVIS sequence when ``--davis-root`` 
 Peak memory: CPU = peak resident set size of this process during the step (Linux ``VmHWM``, reset before each step
 through ``/proc/self/clear_refs``), GPU = ``torch.cuda.max_memory_allocated``.
 
+``--cli-compare`` (issue #15) instead times the real command, ``vidssl propagate --device D --preset P`` (random-init
+``resnet18`` for crw, ``mast_resnet18`` for mast), for every preset and device in one run, on one 480p sequence
+(``--davis-root``, else a synthetic 854x480 DAVIS-layout sequence generated with ``--frames`` frames): seconds per
+frame and peak memory from each run's metrics.json, whether the CUDA masks equal the CPU masks (pixel agreement), and
+the time of one full DAVIS-2017 val pass (30 sequences, 1,999 frames) at the measured rate.
+
 Examples::
 
     .venv/bin/python tools/bench_propagate.py                 # CPU, 6 frames (~3 minutes on 2 cores)
     .venv/bin/python tools/bench_propagate.py --device cuda --frames 20 --chunk-size 8192
+    python tools/bench_propagate.py --cli-compare --devices cpu,cuda --presets crw,mast --frames 8
+    python tools/bench_propagate.py --cli-compare --devices cpu --presets crw --frames 3 --size 64x96  # smoke
 """
 
 from __future__ import annotations
@@ -35,6 +43,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+#: DAVIS-2017 val: 30 sequences, 1,999 frames (the first frame of each is given, not propagated).
+DAVIS17_VAL = {"sequences": 30, "frames": 1999}
 
 
 def _default_root() -> Path | None:
@@ -136,6 +147,82 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def cli_compare(args) -> dict:
+    """``vidssl propagate`` for every preset x device on one sequence; timings, peak memory, mask equality."""
+    import subprocess
+
+    from PIL import Image
+
+    repo = Path(__file__).resolve().parents[1]
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    root = args.davis_root or (None if args.synthetic else _default_root())
+    if root is None:
+        from vidssl.data.synthetic import SynthConfig, write_davis
+
+        h, w = (int(v) for v in args.size.lower().split("x"))
+        root = write_davis(work / f"davis-synth-{h}x{w}-{args.frames}", SynthConfig(num_frames=args.frames, height=h,
+                                                                                     width=w), num_train=1, num_val=1)
+        year, sequences = "2017", None
+    else:
+        year = "2016" if (Path(root) / "ImageSets" / "2016").is_dir() else "2017"
+        sequences = args.sequence
+    report: dict = {"davis_root": str(root), "runs": {}, "masks": {}}
+    encoders = {"crw": "resnet18", "mast": "mast_resnet18", "corrflow": "mast_resnet18", "dino": "resnet18"}
+    for preset in args.presets.split(","):
+        outs = {}
+        for dev in args.devices.split(","):
+            if dev.startswith("cuda") and not torch.cuda.is_available():
+                report["runs"][f"{preset}-{dev}"] = {"skipped": "no CUDA GPU visible"}
+                continue
+            out = work / f"prop-{preset}-{dev.replace(':', '')}"
+            cmd = [sys.executable, "-m", "vidssl", "propagate", "--encoder", encoders[preset], "--seed", "0",
+                   "--davis-root", str(root), "--year", year, "--out", str(out), "--preset", preset, "--device", dev,
+                   "--no-eval", "--force"]
+            if sequences:
+                cmd += ["--sequences", sequences]
+            else:
+                cmd += ["--split", "val"]
+            env = {**os.environ, "PYTHONPATH": str(repo) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+            t0 = time.perf_counter()
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            key = f"{preset}-{dev}"
+            if proc.returncode:
+                report["runs"][key] = {"error": (proc.stderr or proc.stdout)[-800:]}
+                print(f"{key}: failed: {report['runs'][key]['error'][-300:]}", flush=True)
+                continue
+            metrics = json.loads((out / "metrics.json").read_text())
+            seqs = list(metrics["per_sequence"].values())
+            spf = float(np.mean([q["seconds_per_frame"] for q in seqs]))
+            peak = max(int(q["peak_memory_bytes"]) for q in seqs)
+            per_pass = spf * (DAVIS17_VAL["frames"] - DAVIS17_VAL["sequences"])
+            report["runs"][key] = {"seconds_per_frame": round(spf, 4), "peak_memory_bytes": peak,
+                                   "peak_memory_scope": seqs[0].get("peak_memory_scope"),
+                                   "davis17_val_pass_minutes": round(per_pass / 60, 1),
+                                   "wall_s": round(time.perf_counter() - t0, 1)}
+            print(f"{key}: {spf:.3f} s/frame, peak {peak / 2**20:.0f} MiB ({seqs[0].get('peak_memory_scope')}); "
+                  f"one DAVIS-2017 val pass ~{per_pass / 60:.1f} min", flush=True)
+            outs[dev] = out
+        if "cpu" in outs and len(outs) > 1:
+            ref = sorted(p.relative_to(outs["cpu"]) for p in outs["cpu"].rglob("*.png"))
+            for dev, out in outs.items():
+                if dev == "cpu":
+                    continue
+                same = total = differ = 0
+                for rel in ref:
+                    a = np.asarray(Image.open(outs["cpu"] / rel))
+                    b = np.asarray(Image.open(out / rel))
+                    same += int((a == b).sum())
+                    total += a.size
+                    differ += int((a != b).any())
+                report["masks"][f"{preset}-{dev}"] = {"pngs": len(ref), "pngs_differing": differ,
+                                                      "pixel_agreement": same / max(1, total),
+                                                      "identical": differ == 0}
+                print(f"{preset}: masks on {dev} vs cpu: {len(ref) - differ}/{len(ref)} PNGs identical, pixel "
+                      f"agreement {same / max(1, total):.6%}", flush=True)
+    return report
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--frames", type=int, default=6, help="frames to propagate (first one is the GT)")
@@ -149,7 +236,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-dense", action="store_true", help="skip the dense reference")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
+    ap.add_argument("--cli-compare", action="store_true", help="time `vidssl propagate` per preset and device")
+    ap.add_argument("--presets", default="crw,mast", help="--cli-compare: presets")
+    ap.add_argument("--devices", default="cpu,cuda", help="--cli-compare: devices (cpu first: the reference masks)")
+    ap.add_argument("--size", default="480x854", help="--cli-compare: HxW of the synthetic sequence")
+    ap.add_argument("--workdir", default="/tmp/vidssl_bench_propagate", help="--cli-compare: results folder")
     args = ap.parse_args(argv)
+    if args.cli_compare:
+        report = cli_compare(args)
+        if args.json:
+            from vidssl.io.atomic import atomic_write_text
+
+            atomic_write_text(args.json, json.dumps(report, indent=2) + "\n")
+        print(json.dumps(report, indent=2))
+        return 0
 
     from vidssl.evaluation.features import build_encoder_features
     from vidssl.evaluation.presets import get_preset
