@@ -328,3 +328,84 @@ def test_pipelined_resumes_with_an_empty_pipeline(tmp_path, one_thread):
     assert [r["step"] for r in logs] == [1, 2, 3, 4]
     # the in-flight activations are not checkpointed: after the resume the last group waits one step again
     assert [r["groups_run"] for r in logs] == [1.0, 2.0, 1.0, 2.0]
+
+
+def test_cuts_inside_a_stage_partition_the_encoder_and_compose_to_it():
+    enc = GIMResNet("gim_resnet34")
+    blocks = encoder_modules(enc, ["layer1.1", "layer2.1", "layer3"])
+    assert [b.segments for b in blocks] == [[("layer1", 0, 2)], [("layer1", 2, 3), ("layer2", 0, 2)],
+                                            [("layer2", 2, 4), ("layer3", 0, 6)]]
+    assert [b.with_stem for b in blocks] == [True, False, False]
+    ids = [id(p) for b in blocks for p in b.parameters_of()]
+    assert len(ids) == len(set(ids)) == len(list(enc.parameters()))
+    x = torch.rand(2, 3, 16, 16)
+    with torch.no_grad():
+        y = x
+        for b in blocks:
+            y = b(y)
+        torch.testing.assert_close(y, enc(x))
+    model = GIM(enc, splits=["layer1.1", "layer2.1", "layer3"], total_steps=3, **TOY)
+    assert [h.predictors[0].in_channels for h in model.heads] == [64, 128, 256]
+    with pytest.raises(ConfigError, match="splits: 'layer1.3': layer1 has blocks 0..2"):
+        encoder_modules(enc, ["layer1.3", "layer3"])
+    with pytest.raises(ConfigError, match="must name distinct stages in encoder order"):
+        encoder_modules(enc, ["layer2", "layer1.1", "layer3"])
+
+
+def test_sequential_step_keeps_no_graph_of_frozen_modules_and_frees_their_outputs(one_thread):
+    """The frozen modules run under no_grad (no parameter of theirs is reached by the backward, none gets a
+    gradient) and nothing of theirs is saved for backward; the active module's own saved tensors are all that
+    autograd holds."""
+    model = _gim("sequential", total_steps=3)
+    batch = _batch(n=2)
+    ctx = _ctx(model, step=2)
+    alive = _saved_bytes(lambda: model.training_step(batch, ctx))
+    assert all(p.grad is None for i in (0, 1) for p in model.module_parameters(i))
+    assert all(p.grad is not None for p in model.module_parameters(2))
+    alone = _gim("sequential", total_steps=3)
+    x, grid = alone._patches(batch)
+    with torch.no_grad():
+        x = alone.blocks[1](alone.blocks[0](x))
+    only2 = _saved_bytes(lambda: alone.module_loss(2, x, grid, torch.Generator().manual_seed(0)))
+    assert alive["total"] == only2["total"]
+
+
+def test_code_stats_flag_collapsed_codes():
+    from vidssl.models.gim import code_stats
+
+    spread = code_stats(torch.randn(4, 16, 3, 3, generator=torch.Generator().manual_seed(0)))
+    assert abs(spread["code_cos"]) < 0.1
+    one_way = torch.rand(16)[None, :, None, None] * torch.rand(4, 1, 3, 3) * 1000  # one direction, any length
+    assert code_stats(one_way)["code_cos"] == pytest.approx(1.0, abs=1e-5)
+
+
+def _module2_codes_after(lr, steps=6):
+    """Module 2's code stats after ``steps`` joint steps of the sample recipe's head (cosine / 0.1, every row-below
+    position a negative) on smooth random 32x32 images, Adam at ``lr`` without warm-up."""
+    torch.manual_seed(0)
+    model = GIM(GIMResNet("gim_resnet34"), pred_steps=1, negatives="batch_all", temperature=0.1,
+                backward="per_module", total_steps=1)
+    ctx = _ctx(model, lr=lr)
+    first = None
+    for step in range(steps):
+        img = torch.rand(4, 3, 4, 4, generator=torch.Generator().manual_seed(step))
+        img = torch.nn.functional.interpolate(img, size=(32, 32), mode="bilinear")[:, None]  # b 1 3 32 32
+        logs = model.training_step({"video": (img - 0.5) / 0.25}, ctx)
+        first = first or logs["m2/code_norm"]
+    return logs["m2/code_cos"], logs["m2/code_norm"] / first
+
+
+def test_the_sample_recipe_lr_does_not_collapse_the_last_module(one_thread):
+    """configs/gim_sample.yaml once ran Adam at 5e-4: with scale-free cosine scores and no BatchNorm, the first
+    sign-like Adam steps blew module 2's codes up to one direction (norm x100, pairwise cosine 1.000 within 6 steps,
+    loss stuck at log N). The recipe's lr (even without its warm-up) must keep them apart; 5e-4 must still show
+    the collapse, or this test has lost its teeth."""
+    from pathlib import Path
+
+    import yaml
+
+    cfg = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "gim_sample.yaml").read_text())
+    cos, growth = _module2_codes_after(float(cfg["optim"]["lr"]))
+    assert cos < 0.99 and growth < 5, (cos, growth)
+    cos_hi, growth_hi = _module2_codes_after(5e-4)
+    assert cos_hi > 0.999 and growth_hi > 10, (cos_hi, growth_hi)

@@ -2,8 +2,9 @@
 own image-mode CPC loss (:mod:`vidssl.models.cpc`), no gradient between modules (spec section 2).
 
 Modules: ``splits`` names the encoder stage that ends each module (``[layer1, layer2, layer3]``: module 0 = stem +
-``layer1``, module 1 = ``layer2``, module 2 = ``layer3``, GIM's default 3-module vision split); the last split must
-be the encoder's last built stage (``model.out_layer``). Module m reads ``stopgrad`` of module m-1's per-patch maps;
+``layer1``, module 1 = ``layer2``, module 2 = ``layer3``, GIM's default 3-module vision split), or a block inside a
+stage (``layer2.1``: up to and including block 1 of ``layer2``, named as in the state dict); the last split must
+end the encoder's last built stage (``model.out_layer``). Module m reads ``stopgrad`` of module m-1's per-patch maps;
 its code grid (maps average-pooled per patch) feeds its own :class:`~vidssl.models.cpc.RowCPCHead`. One optimiser
 per module (``module0``, ``module1``, ...; checkpointed by name) over that module's stage(s) and head.
 
@@ -14,9 +15,12 @@ Modes (``mode``):
   equals end-to-end CPC (GIM #22). ``backward: per_module`` runs each module's backward right after its forward, so
   only one module's graph is ever alive (same gradients, lower peak).
 * ``sequential``: one module at a time per ``module_steps`` (steps per module, adding up to ``train.steps``;
-  default an equal split); earlier modules run frozen in eval mode under ``torch.no_grad()`` (their activations are
-  freed as they go), later ones are not run, and only the active module's optimiser steps. (Caching earlier outputs
-  on disk is not implemented: the frozen modules are recomputed every step, as the official ``--train_module``.)
+  default an equal split); earlier modules run frozen in eval mode under ``torch.no_grad()`` (each output freed as
+  the next module consumes it; not ``inference_mode``, whose outputs autograd refuses to save as the active
+  module's input), later ones are not run, and only the active module's optimiser steps. The active module's input
+  and per-patch maps are released before its backward (only their pooled codes and what autograd saved stay).
+  Caching earlier outputs on disk is not implemented: the frozen modules are recomputed every step, as the official
+  ``--train_module`` does.
 * ``pipelined``: ``workers`` threads, each owning a contiguous group of modules with their optimisers; between
   groups a one-slot buffer of detached activations (a bounded queue of size 1). Each engine step every worker runs
   concurrently on what its buffer holds: group 0 on the new batch, group g on group g-1's output of the previous
@@ -167,21 +171,32 @@ def gim_resnet_from_config(cfg) -> GIMResNet:
 
 
 class _EncoderModule(nn.Module):
-    """Stages ``names`` of ``encoder`` (with its stem when ``with_stem``), run in order; owns no parameters itself
-    (they stay in the shared encoder, saved under ``encoder.*``)."""
+    """Blocks of ``encoder`` (with its stem when ``with_stem``), run in order; owns no parameters itself (they stay
+    in the shared encoder, saved under ``encoder.*``).
 
-    def __init__(self, encoder: nn.Module, names: list[str], with_stem: bool) -> None:
+    ``segments``: ``(stage, first_block, end_block)`` triples, a slice of each named stage (an ``nn.Sequential``).
+    """
+
+    def __init__(self, encoder: nn.Module, segments: list[tuple[str, int, int]], with_stem: bool) -> None:
         super().__init__()
         self._enc = [encoder]  # a list: not registered as a child (the objective's encoder owns the weights)
-        self.names, self.with_stem = names, with_stem
+        self.segments, self.with_stem = segments, with_stem
+        self.names = [n for n, _, _ in segments]
+
+    def _stages(self) -> list[nn.Module]:
+        enc = self._enc[0]
+        out = []
+        for name, a, b in self.segments:
+            stage = getattr(enc, name)
+            out.append(stage if (a, b) == (0, len(stage)) else stage[a:b])  # a slice shares the blocks
+        return out
 
     def parts(self) -> list[nn.Module]:
         enc = self._enc[0]
         stem = ([enc] if hasattr(enc, "stem") else [enc.conv1, enc.bn1]) if self.with_stem else []
-        stages = [getattr(enc, n) for n in self.names]
+        stages = self._stages()
         if self.with_stem and hasattr(enc, "stem"):  # an encoder with a stem method: its non-stage parameters
-            taken = {id(p) for s in stages for p in s.parameters()}
-            taken |= {id(p) for n in enc.layers for p in getattr(enc, n).parameters()}
+            taken = {id(p) for n in enc.layers for p in getattr(enc, n).parameters()}
             return [_ParamBag([p for p in enc.parameters() if id(p) not in taken])] + stages
         return stem + stages
 
@@ -192,8 +207,8 @@ class _EncoderModule(nn.Module):
         enc = self._enc[0]
         if self.with_stem:
             x = enc.stem(x) if hasattr(enc, "stem") else enc.maxpool(enc.relu(enc.bn1(enc.conv1(x))))  # n c h w
-        for n in self.names:
-            x = getattr(enc, n)(x)  # n c' h' w'
+        for stage in self._stages():
+            x = stage(x)  # n c' h' w'
         return x
 
     def set_mode(self, train: bool) -> None:
@@ -210,8 +225,24 @@ class _ParamBag(nn.Module):
         return iter(self._p)
 
 
+def _cut_point(encoder: nn.Module, split: str, layers: list[str], key: str) -> tuple[int, int]:
+    """``"layer2"`` (end of the stage) or ``"layer2.1"`` (after its block 1, 0-based, as in ``encoder.layer2.1.*``)
+    -> ``(stage index, blocks of that stage taken)``."""
+    name, _, block = split.partition(".")
+    if name not in layers:
+        raise ConfigError(f"{key}: [{split!r}] are not stages of the encoder, which has {layers} (model.out_layer "
+                          "limits them; a cut inside a stage is 'layerN.<block>')")
+    n = len(getattr(encoder, name))
+    if not block:
+        return layers.index(name), n
+    if not block.isdigit() or int(block) >= n:
+        raise ConfigError(f"{key}: {split!r}: {name} has blocks 0..{n - 1}")
+    return layers.index(name), int(block) + 1
+
+
 def encoder_modules(encoder: nn.Module, splits: list[str], key: str = "splits") -> list[_EncoderModule]:
-    """Cut ``encoder`` into modules ending at the stages ``splits`` (checked against ``encoder.layers``)."""
+    """Cut ``encoder`` into modules ending at ``splits``: stage names (``layer1``) or blocks inside a stage
+    (``layer2.1`` = up to and including block 1 of ``layer2``), checked against ``encoder.layers``."""
     layers = list(getattr(encoder, "layers", ()))
     has_stem = hasattr(encoder, "stem") or all(hasattr(encoder, a) for a in ("conv1", "bn1", "relu", "maxpool"))
     if not layers or not has_stem:
@@ -219,20 +250,29 @@ def encoder_modules(encoder: nn.Module, splits: list[str], key: str = "splits") 
                           "stages in .layers and a stem)")
     if not splits:
         raise ConfigError(f"{key}: needs at least one stage name; the encoder has {layers}")
-    unknown = [s for s in splits if s not in layers]
+    unknown = [s for s in splits if s.partition(".")[0] not in layers]
     if unknown:
         raise ConfigError(f"{key}: {unknown} are not stages of the encoder, which has {layers} (model.out_layer "
                           "limits them)")
-    idx = [layers.index(s) for s in splits]
-    if idx != sorted(set(idx)):
+    cuts = [_cut_point(encoder, s, layers, key) for s in splits]
+    flat = [(i, b) for i, b in cuts]
+    if flat != sorted(set(flat)) or any(b == 0 for _, b in flat):
         raise ConfigError(f"{key}: {splits} must name distinct stages in encoder order {layers}")
-    if idx[-1] != len(layers) - 1:
+    last_stage = len(layers) - 1
+    if cuts[-1] != (last_stage, len(getattr(encoder, layers[-1]))):
         raise ConfigError(f"{key}: the last module must end at the encoder's last stage {layers[-1]!r} "
                           f"(model.out_layer), got {splits[-1]!r}")
-    out, start = [], 0
-    for i in idx:
-        out.append(_EncoderModule(encoder, layers[start:i + 1], with_stem=start == 0))
-        start = i + 1
+    out, pos = [], (0, 0)  # (stage, next block)
+    for stage, end in cuts:
+        segs = []
+        for i in range(pos[0], stage + 1):
+            a = pos[1] if i == pos[0] else 0
+            b = end if i == stage else len(getattr(encoder, layers[i]))
+            if b > a:
+                segs.append((layers[i], a, b))
+        out.append(_EncoderModule(encoder, segs, with_stem=pos == (0, 0)))
+        n = len(getattr(encoder, layers[stage]))
+        pos = (stage + 1, 0) if end == n else (stage, end)
     return out
 
 
@@ -316,8 +356,8 @@ class GIM(Objective):
         self.encoder = encoder
         self.blocks = encoder_modules(encoder, list(splits))  # plain list: parameters live in encoder
         m = len(self.blocks)
-        self.heads = nn.ModuleList(RowCPCHead(encoder.channels_at(s), pred_steps=pred_steps, skip=skip,
-                                              negatives=negatives, num_negatives=num_negatives,
+        self.heads = nn.ModuleList(RowCPCHead(encoder.channels_at(s.partition(".")[0]), pred_steps=pred_steps,
+                                              skip=skip, negatives=negatives, num_negatives=num_negatives,
                                               temperature=temperature) for s in splits)
         self.mode, self.backward, self.patch, self.patch_stride = mode, backward, patch, patch_stride
         if mode == "pipelined" and not 1 <= workers <= m:
@@ -353,8 +393,9 @@ class GIM(Objective):
     def module_loss(self, i: int, x: torch.Tensor, grid: tuple[int, int], generator: torch.Generator | None):
         """Module ``i`` on ``x`` (already detached): ``(its per-patch maps, loss, logs)``."""
         out = self.blocks[i](x)  # (n g) C h w
-        loss, logs = self.heads[i](patch_grid(out, grid), generator)
-        return out, loss, logs
+        codes = patch_grid(out, grid)  # n C gh gw
+        loss, logs = self.heads[i](codes, generator)
+        return out, loss, {**logs, **code_stats(codes)}
 
     def forward(self, batch: dict, generator: torch.Generator | None = None):
         """Every module, isolated (evaluation, joint-mode semantics): ``(summed loss, logs)``."""
@@ -433,11 +474,20 @@ class GIM(Objective):
         active = self.active_module(ctx.step)
         x, grid = self._patches(batch)
         with torch.no_grad(), ctx.autocast():
-            for i in range(active):  # frozen: eval mode, no graph kept
+            for i in range(active):  # frozen: eval mode, no graph kept, each output freed by the next
                 self.blocks[i].set_mode(False)
                 x = self.blocks[i](x)  # (n g) C h w
         self.blocks[active].set_mode(True)
-        _, loss, lg = self._step_module(active, x, grid, ctx, ctx.generator)
+        with ctx.autocast():
+            out = self.blocks[active](x)  # (n g) C h w
+            del x  # the frozen output: nothing of it is needed by the backward of a pre-activation block
+            codes = patch_grid(out, grid)  # n C gh gw
+            del out  # the maps: only their pooled codes are used (the per-patch maps alive in backward cost 1 map)
+            loss, lg = self.heads[active](codes, ctx.generator)
+        lg.update(code_stats(codes))
+        del codes
+        name = f"module{active}"
+        self._backward_step(loss, ctx.optimizers[name], ctx.scalers.get(name), active, ctx)
         logs = {f"m{active}/{k}": v for k, v in lg.items()}
         logs.update(loss=float(loss.detach()), active_module=float(active))
         return logs
@@ -478,6 +528,18 @@ class GIM(Objective):
         state = self.__dict__.copy()
         state["_pool"], state["_lock"] = None, None
         return state
+
+
+@torch.no_grad()
+def code_stats(codes: torch.Tensor) -> dict[str, float]:
+    """Collapse monitors of a code grid ``(B, C, R, W)``: ``code_norm`` (mean L2 norm of a code) and ``code_cos``
+    (mean cosine similarity between two different codes of the batch; 1.0 = every code points the same way, so
+    cosine scores cannot tell candidates apart and the loss sits at log N with no gradient)."""
+    v = codes.detach().float().permute(0, 2, 3, 1).reshape(-1, codes.shape[1])  # M C
+    m = v.shape[0]
+    s = torch.nn.functional.normalize(v, dim=1).sum(0)  # C
+    cos = (float(s @ s) - m) / (m * (m - 1)) if m > 1 else 1.0
+    return {"code_norm": float(v.norm(dim=1).mean()), "code_cos": cos}
 
 
 def _chunks(m: int, workers: int) -> list[range]:
