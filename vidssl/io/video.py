@@ -323,6 +323,26 @@ def _nvdec_hwaccel(device: torch.device, path: str) -> Any:
                    options={"primary_ctx": "1"})
 
 
+class _ClosingReader:
+    """``with reader:`` closes it at the end (readers define ``close``); the checks every ``get_frames`` starts with."""
+
+    def _request(self, handle: object, indices: Sequence[int]) -> tuple[list[int], list[int]]:
+        """``(indices checked, their sorted unique values)``; a closed reader (``handle`` None) is an error."""
+        if handle is None:
+            raise DecodeError(f"{self.path}: reader is closed")
+        idx = _check_indices(indices, self.num_frames, self.path)
+        return idx, sorted(set(idx))
+
+    def _no_frames(self) -> torch.Tensor:
+        return torch.empty((0, 3, self.height, self.width), dtype=torch.uint8, device=self.device)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 class _Overshoot(Exception):
     """A seek landed after the wanted frame (internal; handled by seeking earlier)."""
 
@@ -772,7 +792,7 @@ class PyAVReader:
 # torchcodec
 
 
-class TorchCodecReader:
+class TorchCodecReader(_ClosingReader):
     """Frames through ``torchcodec.decoders.VideoDecoder`` (CPU, or NVDEC with ``device="cuda"``).
 
     Args:
@@ -887,12 +907,9 @@ class TorchCodecReader:
 
     def get_frames(self, indices: Sequence[int]) -> torch.Tensor:
         """Frames at ``indices`` as ``uint8 (len(indices), 3, H, W)`` RGB on ``self.device``."""
-        if self._dec is None:
-            raise DecodeError(f"{self.path}: reader is closed")
-        idx = _check_indices(indices, self.num_frames, self.path)
+        idx, unique = self._request(self._dec, indices)
         if not idx:
-            return torch.empty((0, 3, self.height, self.width), dtype=torch.uint8, device=self.device)
-        unique = sorted(set(idx))
+            return self._no_frames()
         try:
             frames = self._dec.get_frames_at(indices=unique).data
         except (RuntimeError, ValueError, IndexError) as e:
@@ -904,12 +921,6 @@ class TorchCodecReader:
     def close(self) -> None:
         self._dec = None
 
-    def __enter__(self) -> "TorchCodecReader":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
     def __repr__(self) -> str:
         return f"TorchCodecReader({self.path!r}, num_frames={self.num_frames}, device={str(self.device)!r})"
 
@@ -918,7 +929,7 @@ class TorchCodecReader:
 # PyNvVideoCodec
 
 
-class PyNvVideoCodecReader:
+class PyNvVideoCodecReader(_ClosingReader):
     """Frames through NVIDIA's ``PyNvVideoCodec.SimpleDecoder`` on NVDEC (CUDA only).
 
     Args:
@@ -995,12 +1006,9 @@ class PyNvVideoCodecReader:
 
     def get_frames(self, indices: Sequence[int]) -> torch.Tensor:
         """Frames at ``indices`` as ``uint8 (len(indices), 3, H, W)`` RGB on ``self.device`` (channels-last view)."""
-        if self._dec is None:
-            raise DecodeError(f"{self.path}: reader is closed")
-        idx = _check_indices(indices, self.num_frames, self.path)
+        idx, unique = self._request(self._dec, indices)
         if not idx:
-            return torch.empty((0, 3, self.height, self.width), dtype=torch.uint8, device=self.device)
-        unique = sorted(set(idx))
+            return self._no_frames()
         consumer = torch.cuda.current_stream(self.device)
         self._stream.wait_stream(consumer)  # earlier copies out of the decoder's surfaces are done first
         try:
@@ -1022,12 +1030,6 @@ class PyNvVideoCodecReader:
     def close(self) -> None:
         self._dec = None
 
-    def __enter__(self) -> "PyNvVideoCodecReader":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
     def __repr__(self) -> str:
         return f"PyNvVideoCodecReader({self.path!r}, num_frames={self.num_frames}, device={str(self.device)!r})"
 
@@ -1036,7 +1038,7 @@ class PyNvVideoCodecReader:
 # decord
 
 
-class DecordReader:
+class DecordReader(_ClosingReader):
     """Frames through ``decord.VideoReader`` (CPU). decord applies rotation metadata itself."""
 
     backend = "decord"
@@ -1093,12 +1095,6 @@ class DecordReader:
 
     def close(self) -> None:
         self._vr = None
-
-    def __enter__(self) -> "DecordReader":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return f"DecordReader({self.path!r}, num_frames={self.num_frames})"
