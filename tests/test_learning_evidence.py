@@ -230,3 +230,24 @@ def test_random_init_baseline_is_the_trained_models_step0_encoder_in_its_colour_
     mine = ext.encoder.state_dict()
     assert mine.keys() == step0.keys()
     assert all(torch.equal(mine[k], step0[k]) for k in mine)
+
+
+def test_curve_scores_every_stored_checkpoint(tool, davis_sample, tmp_path, one_thread):
+    argv = ["--recipes", "crw_sample", "--steps", "2", "--seeds", "0", "--presets", "crw", "--baselines", "identity",
+            "--curve", "--sequences", TINY_SEQUENCE, "--short-side", str(TINY_SHORT_SIDE),
+            "--davis-root", str(davis_sample), "--train-set", f"data.root={davis_sample}",
+            "--train-set", "train.batch_size=2", "--train-set", "train.ckpt_every=1",
+            "--train-set", "train.keep_checkpoints=3", "--runs-dir", str(tmp_path / "runs"),
+            "--out", str(tmp_path / "out")]
+    for override in TINY_CONTEXT:
+        argv += ["--set", override]
+    evidence = tool.collect(tool.parse_args(argv), log=lambda m: None)
+    curve = evidence["curve"]
+    assert [c["step"] for c in curve] == [1, 2]
+    trained = next(r for r in evidence["rows"] if r["features"] == "trained")
+    assert curve[-1]["J&F-Mean"] == trained["J&F"]["mean"]  # the final point is the trained row
+    first = json.loads((tmp_path / "out" / "propagation" / "crw_sample" / "crw" / "curve_s0" / "step_00000001" /
+                        "metrics.json").read_text())
+    assert first["extra_info"]["source"]["step"] == 1
+    assert curve[0]["J&F-Mean"] == pytest.approx(first["global"]["J&F-Mean"])
+    assert "Learning curve" in tool.markdown(evidence)

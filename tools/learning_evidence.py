@@ -247,7 +247,7 @@ def ensure_trained(recipe: str, cfg: RunConfig, run_dir: Path, *, log: Callable[
         return TrainedRun(recipe, cfg.train.seed, run_dir, ckpt, cfg, True, wall)
     log(f"{recipe} seed {cfg.train.seed}: training {cfg.train.steps} steps -> {run_dir}"
         + (f" (resuming {ckpt})" if ckpt is not None else ""))
-    summary = train(cfg, run_dir, progress=False, echo=False)
+    summary = train(cfg, run_dir, progress=False, echo=True)  # a line per logged step
     done = latest_checkpoint(run_dir)
     if done is None or _step_of(done) != cfg.train.steps:
         raise RuntimeError(f"{run_dir}: training ended without the final checkpoint (step {cfg.train.steps})")
