@@ -33,10 +33,10 @@ tensors: the 2x goal is not met**; sequential / (largest share 0.41 x end-to-end
 (goal 1.2). Module 0 sets the peak: stem + layer1 at the full 16x16 patch resolution save six 24.5 MiB maps
 (153 MiB; the CPC head's scores are 4 MiB, the input patches 1 MiB) and its backward holds ~4 more gradient maps
 (~95 MiB); the resident set adds ~190 MiB that glibc keeps in the heap after freeing those 24.5 MiB blocks (its
-dynamic mmap threshold rises to their size after the first free). With ``--malloc-mmap-threshold 65536`` (glibc unmaps every freed
-block above 64 KiB) the resident figures drop to 496 MiB end-to-end and 0.55 / 0.43 / 0.51: 1.81x, largest share
-ratio 1.34 -- still short of 2x. Joint 1.04, joint_per_module 0.97, pipelined
-1.25 resident (2 threads: 1.31x joint's throughput). Cut points (``--splits layer1.1,layer2.1,layer3`` etc. are
+dynamic mmap threshold rises to their size after the first free). With ``--malloc-mmap-threshold 65536`` (glibc unmaps
+every freed block above 64 KiB) the resident figures drop to 496 MiB end-to-end and 0.55 / 0.43 / 0.51: 1.81x, largest
+share ratio 1.34 -- still short of 2x. Joint 1.04, joint_per_module 0.97, pipelined 1.25 resident (2 threads: 1.31x
+joint's throughput). Cut points (``--splits layer1.1,layer2.1,layer3`` etc. are
 accepted): GIM's stage split stays the default since, by the per-block counts of saved bytes (an estimate, the other
 splits were not benchmarked), moving blocks does not lower the maximum: layer3's gradient + Adam moments (82 MiB)
 already make module 2 the largest with state (shares 0.31 / 0.27 / 0.41), and ending module 0 earlier moves
