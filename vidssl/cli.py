@@ -36,7 +36,7 @@ def find_config(name: str) -> Path:
     raise UserError(f"{name}: config not found (a YAML path, or one of: {', '.join(avail) or 'none'})")
 
 
-DEMO_CONFIG = "crw_demo"
+DEMO_CONFIG = "mast_demo"
 
 
 # --------------------------------------------------------------------------------------------------- pretrain
