@@ -1,8 +1,9 @@
 """tools/learning_evidence.py end to end on tiny settings, its input checks, and the CPU recipes' measured headers.
 
-The end-to-end test trains every CPU recipe of the correspondence learners for 2 steps, propagates one held-out
-real sequence at a small size under two protocols, and checks that the JSON has one row per learner, protocol and
-feature source, that each row's numbers are the ones in its metrics.json, and that a second call reuses the runs.
+The end-to-end test trains every CPU recipe of the correspondence learners for 2 steps, propagates the first frames
+of one held-out real sequence at a small size under two protocols, and checks that the JSON has one row per learner,
+protocol and feature source, that each row's numbers are the ones in its metrics.json, and that a second call reuses
+the runs.
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ CPU_RECIPES = ("crw_sample", "timecycle_sample", "corrflow_sample", "mast_sample
 #: cheaper contexts it propagates with (plumbing, not scores, is under test).
 TINY_SEQUENCE = "dog-agility"
 TINY_SHORT_SIDE = 32
+#: Frames of that sequence the tiny runs propagate and score (its first ones, symlinked into a tmp DAVIS root; the
+#: evaluator needs 3 annotated frames): each of the ~18 propagations reads and scores every frame at 480p.
+TINY_FRAMES = 4
 TINY_CONTEXT = ["crw:propagate.context=2", "mast:propagate.window.memory=previous"]
 
 
@@ -38,6 +42,19 @@ def tool():
         yield module
     finally:
         sys.modules.pop(spec.name, None)
+
+
+@pytest.fixture(scope="module")
+def tiny_davis(davis_sample, tmp_path_factory) -> Path:
+    """A DAVIS-2016 root holding the first :data:`TINY_FRAMES` frames and masks of :data:`TINY_SEQUENCE`, symlinked
+    from the real sample (never copied)."""
+    root = tmp_path_factory.mktemp("tiny_davis")
+    for kind, ext in (("JPEGImages", "jpg"), ("Annotations", "png")):
+        folder = root / kind / "480p" / TINY_SEQUENCE
+        folder.mkdir(parents=True)
+        for t in range(TINY_FRAMES):
+            (folder / f"{t:05d}.{ext}").symlink_to(davis_sample / kind / "480p" / TINY_SEQUENCE / f"{t:05d}.{ext}")
+    return root
 
 
 # ------------------------------------------------------------------------------------------- recipe headers
@@ -162,10 +179,10 @@ def test_run_of_another_config_is_refused(tool, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------- end to end
-def test_evidence_tool_end_to_end_tiny(tool, davis_sample, tmp_path, one_thread):
+def test_evidence_tool_end_to_end_tiny(tool, davis_sample, tiny_davis, tmp_path, one_thread):
     out, runs = tmp_path / "out", tmp_path / "runs"
     argv = ["--steps", "2", "--seeds", "0", "--presets", "own,crw", "--sequences", TINY_SEQUENCE,
-            "--short-side", str(TINY_SHORT_SIDE), "--davis-root", str(davis_sample),
+            "--short-side", str(TINY_SHORT_SIDE), "--davis-root", str(tiny_davis),
             "--train-set", f"data.root={davis_sample}", "--train-set", "train.batch_size=2",
             "--train-set", "data.num_workers=0", "--runs-dir", str(runs), "--out", str(out)]
     for override in TINY_CONTEXT:
@@ -189,6 +206,7 @@ def test_evidence_tool_end_to_end_tiny(tool, davis_sample, tmp_path, one_thread)
             folder = f"random/{r['preset']}/{tool._model_tag(model)}_s0"
         metrics = json.loads((out / "propagation" / folder / "metrics.json").read_text())
         assert metrics["sequences"] == [TINY_SEQUENCE]
+        assert len(list((out / "propagation" / folder / TINY_SEQUENCE).glob("*.png"))) == TINY_FRAMES
         assert metrics["preset"] == r["preset"]
         assert r["per_seed"][seed_key]["J&F-Mean"] == pytest.approx(metrics["global"]["J&F-Mean"])
         if r["features"] == "random":  # the trained model's architecture, fed the colour space it trains on
@@ -232,10 +250,10 @@ def test_random_init_baseline_is_the_trained_models_step0_encoder_in_its_colour_
     assert all(torch.equal(mine[k], step0[k]) for k in mine)
 
 
-def test_curve_scores_every_stored_checkpoint(tool, davis_sample, tmp_path, one_thread):
+def test_curve_scores_every_stored_checkpoint(tool, davis_sample, tiny_davis, tmp_path, one_thread):
     argv = ["--recipes", "crw_sample", "--steps", "2", "--seeds", "0", "--presets", "crw", "--baselines", "identity",
             "--curve", "--sequences", TINY_SEQUENCE, "--short-side", str(TINY_SHORT_SIDE),
-            "--davis-root", str(davis_sample), "--train-set", f"data.root={davis_sample}",
+            "--davis-root", str(tiny_davis), "--train-set", f"data.root={davis_sample}",
             "--train-set", "train.batch_size=2", "--train-set", "train.ckpt_every=1",
             "--train-set", "train.keep_checkpoints=3", "--runs-dir", str(tmp_path / "runs"),
             "--out", str(tmp_path / "out")]
