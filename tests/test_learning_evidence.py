@@ -97,7 +97,7 @@ def _same(stated: str, actual) -> bool:
     return stated == str(actual)
 
 
-@pytest.mark.parametrize("recipe", CPU_RECIPES)
+@pytest.mark.parametrize("recipe", CPU_RECIPES + ("mast_demo",))
 def test_recipe_resolves_to_what_its_header_says_was_measured(recipe):
     path = ROOT / "configs" / f"{recipe}.yaml"
     stated = measured_line(path)
