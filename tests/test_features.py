@@ -150,3 +150,23 @@ def test_frame_features_encode_in_batches_once_each(tmp_path):
     with pytest.raises(DavisLayoutError, match=r"00002.png: frame is 24x8 \(WxH\) but the sequence's first annotation "
                                                r"is 24x16"):
         bad(2)
+
+
+@pytest.mark.parametrize("colour, fed", [("lab", "lab"), ("rgb", "imagenet")])
+def test_random_init_baseline_reads_the_models_colour_space(colour, fed):
+    """A ResNet trained on Lab (e.g. MAST's objective on resnet18) is evaluated on Lab, its random init too; one trained
+    on RGB reads ImageNet-normalised RGB; both are the run's step-0 weights at its eval layer."""
+    from vidssl.evaluation.sources import random_init_extractor
+    from vidssl.models.encoders import ModelConfig, build_model_encoder
+
+    model = ModelConfig(encoder="resnet18", out_layer="layer2", eval_layer="layer2", colour=colour)
+    ext, info, cfg = random_init_extractor(model, seed=3, preset=get_preset("crw"))
+    assert ext.colour == fed and ext.layer == "layer2" == cfg.layer == info["layer"]
+    torch.manual_seed(3)
+    step0 = build_model_encoder(model)
+    assert all(torch.equal(a, b) for a, b in zip(step0.state_dict().values(), ext.encoder.state_dict().values()))
+    frames = torch.randint(0, 256, (1, 3, 32, 32), dtype=torch.uint8)
+    other = random_init_extractor(ModelConfig(encoder="resnet18", out_layer="layer2", eval_layer="layer2",
+                                              colour="rgb" if colour == "lab" else "lab"), seed=3,
+                                  preset=get_preset("crw"))[0]
+    assert not torch.allclose(ext(frames), other(frames))  # same weights, different input colour space

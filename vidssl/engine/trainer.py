@@ -241,14 +241,14 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: str | Path | None = No
         torch.manual_seed(cfg.train.seed)
         model = build_training_model(cfg, device=device)
     model.to(device)
+    if cfg.train.channels_last:
+        model.to(memory_format=torch.channels_last)
     if dist_info.distributed and device.type == "cuda" and cfg.model.sync_bn:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     custom = model.custom_step
     opts = _optimizers(model, cfg)
     amp = effective_amp(cfg.train.amp, device)
     autocast, fp16 = _autocast(amp, device)
-    if cfg.train.channels_last:
-        model.to(memory_format=torch.channels_last)
     if dist_info.is_main and amp != "off":
         print(f"autocast {amp} on {device.type} (train.amp={cfg.train.amp})", file=sys.stderr)
     scalers = {name: torch.amp.GradScaler("cuda") if fp16 else None for name in opts}

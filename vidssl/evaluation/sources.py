@@ -37,17 +37,27 @@ def checkpoint_extractor(checkpoint: str | os.PathLike, cfg: PropagationConfig, 
     ckpt = resolve_checkpoint(checkpoint)
     encoder, model_cfg, config, step = encoder_from_checkpoint(ckpt)
     run = config.get("name", "run")
-    if model_cfg.encoder == "mast_resnet18":  # the stride-4 CorrFlow/MAST encoder: window protocols
-        colour = model_cfg.colour
+    ext, used, cfg = model_extractor(encoder, model_cfg, cfg, name=f"{run}@{step}", layer=layer)
+    info = {"source": "checkpoint", "checkpoint": str(ckpt), "step": step, "run": run, "layer": used}
+    if model_cfg.encoder == "mast_resnet18":
+        info["colour"] = model_cfg.colour
+    return ext, info, cfg
+
+
+def model_extractor(encoder: Any, model: ModelConfig, cfg: PropagationConfig, *, name: str, layer: str | None = None
+                    ) -> tuple[Any, str, PropagationConfig]:
+    """The extractor of a built encoder of ``model`` (a checkpoint's or a random init's): the stride-4 CorrFlow/MAST
+    encoder gives its ``head`` (window presets: their own reader); a ResNet gives ``layer`` (default
+    ``model.eval_layer``). Each is fed the colour space the model trains on (``model.colour``; a ResNet trained on
+    RGB reads ImageNet-normalised RGB). Returns ``(extractor, layer used, cfg with that layer recorded)``."""
+    if model.encoder == "mast_resnet18":
         if cfg.window is None:
             cfg = dataclasses.replace(cfg, layer="head")  # recorded as used
-        ext = _stride4_extractor(encoder, cfg, colour=colour, name=f"{run}@{step}.head[{colour}]")
-        return ext, {"source": "checkpoint", "checkpoint": str(ckpt), "step": step, "run": run,
-                     "layer": "head", "colour": colour}, cfg
-    layer = layer or model_cfg.eval_layer
+        return _stride4_extractor(encoder, cfg, colour=model.colour, name=f"{name}.head[{model.colour}]"), "head", cfg
+    layer = layer or model.eval_layer
     cfg = dataclasses.replace(cfg, layer=layer)
-    ext = EncoderFeatures.from_config(encoder, cfg, name=f"{run}@{step}.{layer}")
-    return ext, {"source": "checkpoint", "checkpoint": str(ckpt), "step": step, "run": run, "layer": layer}, cfg
+    colour = "lab" if model.colour == "lab" else "imagenet"
+    return EncoderFeatures.from_config(encoder, cfg, name=f"{name}.{layer}", colour=colour), layer, cfg
 
 
 def build_extractor(*, checkpoint: str | os.PathLike | None = None, encoder: str | None = None,
@@ -83,7 +93,7 @@ def build_extractor(*, checkpoint: str | os.PathLike | None = None, encoder: str
     if name == "mast_resnet18":
         import torch
 
-        from vidssl.models.encoders import ModelConfig, build_model_encoder
+        from vidssl.models.encoders import build_model_encoder
 
         if weights:
             raise ValueError("--weights: for mast_resnet18 give a vidssl --checkpoint instead")
@@ -124,12 +134,6 @@ def random_init_extractor(model: ModelConfig, *, seed: int, preset: PropagationC
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(seed))
         encoder = build_model_encoder(model)
-    info = {"source": "random-init", "encoder": model.encoder, "seed": int(seed), "colour": model.colour}
-    if model.encoder == "mast_resnet18":
-        if cfg.window is None:
-            cfg = dataclasses.replace(cfg, layer="head")  # recorded as used
-        name = f"{model.encoder}[random seed={seed}].head[{model.colour}]"
-        return _stride4_extractor(encoder, cfg, colour=model.colour, name=name), info, cfg
-    cfg = dataclasses.replace(cfg, layer=model.eval_layer)
-    name = f"{model.encoder}.{model.eval_layer}[random seed={seed}]"
-    return EncoderFeatures.from_config(encoder, cfg, name=name), {**info, "layer": model.eval_layer}, cfg
+    ext, used, cfg = model_extractor(encoder, model, cfg, name=f"{model.encoder}[random seed={seed}]")
+    return ext, {"source": "random-init", "encoder": model.encoder, "seed": int(seed), "colour": model.colour,
+                 "layer": used}, cfg
