@@ -367,6 +367,8 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: str | Path | None = No
             last_ckpt = _save(out_dir, model, opts, scalers, gen, step, config_dict, cfg.train.keep_checkpoints,
                               dist_info)
     bar.close()
+    for ld in loaders.values():  # the GPU path's decode sessions hold threads and open decoders
+        getattr(ld, "close", lambda: None)()
     barrier()
     cleanup_distributed()
     return {"step": step, "logs": last_logs, "wall_s": time.time() - t_start,
