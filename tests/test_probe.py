@@ -2,12 +2,14 @@
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from vidssl.cli import main
 from vidssl.data import labelled
 from vidssl.evaluation import probe
 
@@ -170,6 +172,30 @@ def test_frame_folders_split_by_time_and_reject_one_class(tmp_path):
         labelled.frame_folders_set(root, sequences=["s0"])
     with pytest.raises(FileNotFoundError, match="nope"):
         labelled.frame_folders_set(root, sequences=["s0", "nope"])
+
+
+def test_frame_folders_split_by_video_is_arrow_only(tmp_path, one_thread, capsys):
+    root = _frame_folders(tmp_path / "f")
+    data = labelled.frame_folders_set(root, sequences=["s0", "s1"], test_sequences=["s2"], clip_len=2,
+                                      clips_per_video=3)
+    assert {Path(it.video).name for it in data.split("train")} == {"s0", "s1"}
+    assert {Path(it.video).name for it in data.split("test")} == {"s2"}
+    assert max(max(it.frames) for it in data.items) == 7 and min(min(it.frames) for it in data.items) == 0
+    folds, how = probe.arrow_folds(data.items)
+    assert len(folds) == 1 and "disjoint videos" in how  # one fold: train on s0, s1; test on s2
+    with pytest.raises(ValueError, match=r"\['s1'\] named twice"):
+        labelled.frame_folders_set(root, sequences=["s0", "s1"], test_sequences=["s1"])
+    seq = torch.randn(len(data.items), 2, 4)
+    with pytest.raises(ValueError, match="share no class"):
+        probe.evaluate_features(seq, data, protocols=["knn", "arrow"])
+    assert probe.evaluate_features(seq, data, protocols=["arrow"])["arrow"]["num_test_videos"] == 1
+    base = ["probe", "--encoder", "resnet18", "--frames", str(root), "--sequences", "s0,s1", "--test-sequences",
+            "s2", "--size", "32", "--clip-len", "2", "--clips-per-video", "3", "--no-progress"]
+    assert main(base + ["--protocols", "knn,arrow", "--out", str(tmp_path / "bad")]) == 2
+    assert "only arrow applies" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+    assert main(base + ["--out", str(tmp_path / "ok")]) == 0  # default protocols: arrow only
+    rep = json.loads((tmp_path / "ok" / "probe.json").read_text())
+    assert list(rep["summary"]) == ["arrow.top1"] and "split by video" in rep["data"]["protocol"]
 
 
 def _video_classes(root):

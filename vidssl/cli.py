@@ -162,11 +162,18 @@ def cmd_probe(args: argparse.Namespace) -> int:
         raise UserError("--splits goes with --videos (UCF101/HMDB51 split files)")
     if args.sequences and not args.frames:
         raise UserError("--sequences goes with --frames")
+    if args.test_sequences and not args.frames:
+        raise UserError("--test-sequences goes with --frames")
     try:
         seeds = [int(s) for s in args.seed.split(",")]
     except ValueError as exc:
         raise UserError(f"--seed: expected comma-separated integers, got {args.seed!r}") from exc
+    if args.protocols is None:  # every protocol that applies: a split by video shares no class, so arrow only
+        args.protocols = "arrow" if args.test_sequences else "linear,knn,retrieval,arrow"
     protocols = [p.strip() for p in args.protocols.split(",") if p.strip()]
+    if args.test_sequences and set(protocols) - {"arrow"}:
+        raise UserError(f"--protocols {args.protocols}: with --test-sequences train and test share no class; only "
+                        "arrow applies")
     out = Path(args.out)
     clips = {"clip_len": args.clip_len, "stride": args.stride}
     if args.clips_per_video is not None:
@@ -178,7 +185,8 @@ def cmd_probe(args: argparse.Namespace) -> int:
                                          test_fraction=args.test_fraction, seed=args.split_seed, **clips)
     else:
         data = labelled.frame_folders_set(args.frames, sequences=args.sequences.split(",") if args.sequences else None,
-                                          **clips)
+                                          test_sequences=args.test_sequences.split(",") if args.test_sequences
+                                          else None, **clips)
     c = data.counts()
     print(f"vidssl probe: {data.mode} {data.root}: {len(data.classes)} classes, {c['train']['clips']} train / "
           f"{c['test']['clips']} test clips", flush=True)
@@ -346,6 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "testlist0K.txt) or HMDB51 (<class>_test_splitK.txt) split files")
     sp.add_argument("--split-id", type=int, default=1, help="K of the split files (default 1)")
     sp.add_argument("--sequences", help="with --frames: comma-separated frame folders (default: all)")
+    sp.add_argument("--test-sequences", help="with --frames: split by video instead of by time: --sequences train, "
+                    "these test (train and test share no class: arrow of time only)")
     sp.add_argument("--test-fraction", type=float, default=0.3,
                     help="without split files: share of each class's images/videos used as test (default 0.3)")
     sp.add_argument("--split-seed", type=int, default=0, help="seed of that split (default 0)")
@@ -353,7 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--stride", type=int, default=1, help="frame step inside a clip (default 1)")
     sp.add_argument("--clips-per-video", type=int, default=None,
                     help="clips per video, starts spread uniformly (default 4; --frames: 8 per half)")
-    sp.add_argument("--protocols", default="linear,knn,retrieval,arrow", help="comma-separated subset")
+    sp.add_argument("--protocols", default=None, help="comma-separated subset of linear,knn,retrieval,arrow "
+                    "(default: all; with --test-sequences: arrow)")
     sp.add_argument("--layer", help="ResNet stage read (default: the model's eval_layer)")
     sp.add_argument("--size", type=int, default=224, help="frames resized (short side) and centre-cropped to this")
     sp.add_argument("--bn-stats", choices=["stored", "train"], default="stored",

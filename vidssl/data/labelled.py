@@ -302,15 +302,24 @@ def video_folder_set(root: str | os.PathLike, *, clip_len: int = 8, stride: int 
 
 # ---------------------------------------------------------------------------------------------------- frames
 def frame_folders_set(root: str | os.PathLike, *, sequences: Sequence[str] | None = None, clip_len: int = 8,
-                      stride: int = 1, clips_per_video: int = 8) -> ProbeSet:
+                      stride: int = 1, clips_per_video: int = 8,
+                      test_sequences: Sequence[str] | None = None) -> ProbeSet:
     """Every frame folder ``root/<sequence>`` is one class; its first ``n // 2`` frames give the train clips and the
-    rest the test clips (clips sampled uniformly inside each half, never crossing it)."""
+    rest the test clips (clips sampled uniformly inside each half, never crossing it).
+
+    With ``test_sequences``, the split is by video instead: every frame of ``sequences`` gives train clips and every
+    frame of ``test_sequences`` test clips (``clips_per_video`` clips spread over each whole sequence). Train and test
+    then share no class, so only the arrow-of-time probe applies (it is trained on the train videos and tested on
+    the others, e.g. a pretraining run's own sequences and its held-out ones)."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: frames root not found (expected root/<sequence>/<frames>)")
     if sequences is None:
         sequences = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     sequences = list(sequences)
+    if test_sequences is not None:
+        return _frame_folders_by_video(root, sequences, list(test_sequences), clip_len=clip_len, stride=stride,
+                                       clips_per_video=clips_per_video)
     if len(set(sequences)) != len(sequences):
         raise ValueError(f"sequences: {sequences} names a sequence twice")
     _check_classes(root, sequences)
@@ -328,6 +337,29 @@ def frame_folders_set(root: str | os.PathLike, *, sequences: Sequence[str] | Non
                 f"the rest test; {clips_per_video} clips of {clip_len} frames, stride {stride}, starts spread "
                 "uniformly inside each half (duplicates dropped)")
     return ProbeSet(items, sequences, "frames", protocol, str(root), clip_len=clip_len)
+
+
+def _frame_folders_by_video(root: Path, train: list[str], test: list[str], *, clip_len: int, stride: int,
+                            clips_per_video: int) -> ProbeSet:
+    """:func:`frame_folders_set` split by whole sequences (``train`` / ``test``), each sequence its own class."""
+    names = train + test
+    if len(set(names)) != len(names):
+        twice = sorted({n for n in names if names.count(n) > 1})
+        raise ValueError(f"sequences / test_sequences: {twice} named twice (train and test videos must differ)")
+    if not train or not test:
+        raise ValueError(f"{root}: a split by video needs train and test sequences, got {len(train)} train / "
+                         f"{len(test)} test")
+    items = []
+    for y, name in enumerate(names):
+        folder = root / name
+        n = len(list_frames(folder))  # errors name a missing or empty folder
+        split = "train" if y < len(train) else "test"
+        for clip in _clips(n, clip_len, stride, clips_per_video):
+            items.append(ProbeItem(str(folder), clip, y, str(folder), split))
+    protocol = (f"frame folders split by video: {len(train)} train sequences, {len(test)} test sequences (no shared "
+                f"video or class: arrow of time only); {clips_per_video} clips of {clip_len} frames, stride {stride}, "
+                "starts spread uniformly over each sequence (duplicates dropped)")
+    return ProbeSet(items, names, "frames", protocol, str(root), clip_len=clip_len)
 
 
 # ---------------------------------------------------------------------------------------------------- reading

@@ -469,6 +469,11 @@ def evaluate_features(seq: torch.Tensor, data: ProbeSet, *, protocols: Sequence[
     tr = torch.tensor([i for i, it in enumerate(items) if it.split == "train"])  # n_train
     te = torch.tensor([i for i, it in enumerate(items) if it.split == "test"])  # n_test
     k = len(data.classes)
+    class_protocols = sorted({"linear", "knn", "retrieval"} & set(protocols))
+    if class_protocols and not set(labels[tr].tolist()) & set(labels[te].tolist()):
+        raise ValueError(f"protocols {class_protocols}: train and test share no class ({data.protocol}); these "
+                         "protocols score test items against train classes -- use protocols=['arrow'] for a split "
+                         "by video")
     out: dict[str, Any] = {}
     timings: dict[str, float] = {}
     args = (clip[tr], labels[tr], clip[te], labels[te])
