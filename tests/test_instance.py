@@ -25,6 +25,8 @@ def clips(b=B, t=2, seed=0):
 def make(negatives, **kw):
     torch.manual_seed(0)
     kw.setdefault("queue_size", 8)
+    if negatives == "queue":
+        kw.setdefault("bn_splits", 2)  # one process, BatchNorm encoder: MoCo's per-GPU BN as 2 sub-batches
     kw.setdefault("bank_size", 10)
     return InstanceDiscrimination(TinyEncoder(), negatives=negatives, input_mean=(0.0, 0.0, 0.0),
                                   input_std=(1.0, 1.0, 1.0), **kw).train()
@@ -179,6 +181,35 @@ def test_augment_views_stays_in_range_and_is_seeded():
     ident = augment_views(x, generator=torch.Generator().manual_seed(1), flip_prob=0, jitter_prob=0,
                           grayscale_prob=0, blur_prob=0)
     assert torch.equal(ident, x)
+
+
+def test_queue_refuses_leaky_batchnorm_in_one_process(one_thread):
+    """One process, a BatchNorm encoder, bn_splits 1: the keys' BN statistics would leak the positive -> refused
+    when training (naming the key); eval forwards and bn_splits >= 2 are fine."""
+    m = make("queue", bn_splits=1)
+    with pytest.raises(ConfigError, match=r"bn_splits: 1 in a single process.*leak the positive"):
+        m(batch_of(), generator=torch.Generator().manual_seed(1))
+    m.eval()(batch_of(), generator=torch.Generator().manual_seed(1))
+    make("queue", bn_splits=2)(batch_of(), generator=torch.Generator().manual_seed(1))
+
+
+def test_bn_splits_shuffle_keys_across_sub_batches(one_thread):
+    """With bn_splits 2 the query sub-batches are clips {0, 1} and {2, 3}; the key encoder sees the second views in
+    a permuted order, so its sub-batches mix clips (BN statistics of a key never come from its query's sub-batch
+    alone), and the unshuffled keys line up with their queries again."""
+    m = make("queue", bn_splits=2, view_augment=False)
+    m.encoder.seen.clear(), m.key_encoder.seen.clear()
+    b = batch_of(seed=3)
+    b["video"][:, 1] = b["video"][:, 0]  # second view = first view (no augmentation): rows can be matched
+    m(b, generator=torch.Generator().manual_seed(5))
+    q_chunks, k_chunks = m.encoder.seen, m.key_encoder.seen
+    assert len(q_chunks) == len(k_chunks) == 2 and all(len(c) == B // 2 for c in q_chunks + k_chunks)
+
+    def rows(chunk):  # which clips a sub-batch holds
+        return frozenset(int((b["video"][:, 0] - x).abs().flatten(1).sum(1).argmin()) for x in chunk)
+
+    assert {rows(c) for c in q_chunks} == {frozenset({0, 1}), frozenset({2, 3})}
+    assert {rows(c) for c in k_chunks} != {rows(c) for c in q_chunks}  # keys' BN sub-batches are mixed
 
 
 class IndexedLoader(TensorLoader):

@@ -20,7 +20,8 @@ first layer, not used here) and L2-normalised. ``negatives`` picks where the neg
   (``K + 1`` candidates); tau 0.2, K 65536, m 0.999. BatchNorm leak: under DDP the key batch is shuffled across
   ranks (:func:`vidssl.losses.batch_shuffle`; with ``model.sync_bn`` on GPU the trainer converts BN to SyncBN
   instead); in one process a shuffle changes nothing, so ``bn_splits > 1`` runs query and key encoders on that many
-  sub-batches (keys after a random permutation), emulating MoCo's per-GPU BN.
+  sub-batches (keys after a random permutation), emulating MoCo's per-GPU BN; training a BatchNorm encoder in one
+  process with ``bn_splits: 1`` is refused (the key batch's statistics would leak the positive).
 * ``"memory_bank"`` -- Wu et al. 2018: one L2-normalised 128-d entry per dataset item (the batch's ``"index"``),
   each view scored against the bank (non-parametric softmax over the whole bank, ``bank_size`` candidates, or
   ``num_negatives`` sampled ones; ``bank_loss: nce`` is Wu's NCE with ``log Z`` estimated on the first batch and then
@@ -296,6 +297,7 @@ class InstanceDiscrimination(Objective):
         self.input_mean, self.input_std = tuple(input_mean), tuple(input_std)
         self.momentum, self.shuffle_bn, self.bn_splits = float(momentum), bool(shuffle_bn), int(bn_splits)
         self.bank_loss, self.num_negatives = bank_loss, int(num_negatives)
+        self._has_batchnorm = any(isinstance(mod, nn.modules.batchnorm._BatchNorm) for mod in encoder.modules())
         if negatives == "queue":
             self.key_encoder = copy.deepcopy(encoder)  # same initial weights as the query side (MoCo)
             self.key_head = copy.deepcopy(self.head)
@@ -364,6 +366,12 @@ class InstanceDiscrimination(Objective):
         if size < global_batch or size % global_batch:
             raise ConfigError(f"objectives[instance].queue_size: {size} must be a multiple of the global batch "
                               f"{global_batch} (train.batch_size; MoCo's FIFO never wraps inside a batch)")
+        if self.training and self.bn_splits == 1 and rank_and_world()[1] == 1 and self._has_batchnorm:
+            raise ConfigError("objectives[instance].bn_splits: 1 in a single process lets the key encoder's "
+                              "BatchNorm statistics leak the positive (MoCo shuffles keys across GPUs for its "
+                              "per-GPU BN; one process has no other GPU to shuffle across): set bn_splits >= 2 "
+                              "(BN per sub-batch, keys shuffled across the sub-batches) or train with several "
+                              "processes (torchrun)")
         q = self.embed(view_a)  # b dim
         with torch.no_grad():
             if self.training:
