@@ -13,7 +13,7 @@ from vidssl.config import ConfigError
 from vidssl.engine import (build_training_model, encoder_from_checkpoint, model_from_checkpoint, resolve_run_config,
                            train)
 from vidssl.losses import info_nce
-from vidssl.models.cpc import RowCPCHead, patchify, row_cpc_loss
+from vidssl.models.cpc import CPC, RowCPCHead, frames_as_images, patch_grid, patchify, row_cpc_loss
 from vidssl.models.encoders import ResNetEncoder
 from vidssl.models.gim import GIM, GIMResNet, encoder_modules
 from vidssl.models.objective import StepContext
@@ -21,9 +21,9 @@ from vidssl.models.objective import StepContext
 TOY = dict(patch=8, patch_stride=4, pred_steps=2, num_negatives=8)  # 24x24 images -> 5x5 grid of 8x8 patches
 
 
-def _gim(mode="joint", total_steps=6, seed=0, **kw):
+def _gim(mode="joint", total_steps=6, seed=0, arch="gim_resnet34", **kw):
     torch.manual_seed(seed)
-    return GIM(GIMResNet("gim_resnet34"), mode=mode, total_steps=total_steps, **{**TOY, **kw})
+    return GIM(GIMResNet(arch), mode=mode, total_steps=total_steps, **{**TOY, **kw})
 
 
 def _ctx(model, step=0, lr=1e-2, opt="adam", seed=0):
@@ -141,6 +141,152 @@ def test_sequential_and_per_module_modes_free_earlier_activations(one_thread):
     assert last["peak"] < 0.7 * summed["peak"]
     assert summed["peak"] == summed["total"]  # the official summed backward keeps every module's graph at once
     assert pm["total"] == summed["total"] and pm["peak"] < summed["peak"]  # same work, one graph alive at a time
+
+
+def _plain_block(blk, x):
+    """A pre-activation block as first written (out-of-place ReLUs and sum): the reference for the in-place one."""
+    out = torch.relu(x)  # b c h w
+    idt = x if blk.shortcut is None else blk.shortcut(out)  # b c' h' w'
+    out = blk.conv2(torch.relu(blk.conv1(out)))  # b w h' w'
+    return (blk.conv3(torch.relu(out)) if hasattr(blk, "conv3") else out) + idt  # b c' h' w'
+
+
+def _plain_module(model, i, x):
+    """Module ``i`` on NCHW input, stage by stage with :func:`_plain_block`."""
+    blk = model.blocks[i]
+    x = blk._enc[0].stem(x) if blk.with_stem else x  # n 64 p p
+    for stage in blk._stages():
+        for b in stage:
+            x = _plain_block(b, x)  # n c h w
+    return x
+
+
+def _plain_head(codes, head, generator):
+    """GIM's sampled-negatives loss as first written: the drawn future codes gathered (M n c), then scored."""
+    import einops
+
+    rows, losses = codes.shape[2], []
+    for k in range(1, len(head.predictors) + 1):
+        off = k + head.skip
+        if off >= rows:
+            continue
+        fut = einops.rearrange(head.predictors[k - 1](codes[:, :, off:]), "b c r w -> (b r w) c")  # M c
+        ctx = einops.rearrange(codes[:, :, : rows - off], "b c r w -> (b r w) c")  # M c
+        idx = torch.randint(0, ctx.shape[0], (ctx.shape[0], head.num_negatives), generator=generator)  # M n
+        pos = einops.einsum(ctx, fut, "m c, m c -> m")[:, None]  # M 1
+        neg = einops.einsum(ctx, fut[idx], "m c, m n c -> m n")  # M n
+        losses.append(info_nce(torch.cat([pos, neg], dim=1), 0)[0])
+    return torch.stack(losses).mean()
+
+
+def _assert_grads(params, reference):
+    for p, g in zip(params, reference):
+        torch.testing.assert_close(p.grad, g, rtol=1e-6, atol=1e-6 * float(g.abs().max()) + 1e-15)
+
+
+@pytest.mark.parametrize("arch", ["gim_resnet34", "gim_resnet50"])
+def test_memory_savings_keep_the_plain_computations_losses_and_gradients(arch, one_thread):
+    """In-place ReLUs and residual sums, channels-last input, block-by-block modules, gradients freed before the
+    forward and negatives scored from the M x M score matrix change no loss and no gradient (fixed seed, float
+    tolerance) against the computation as first written, in every sequential module and in end-to-end CPC. In
+    float64, so that a changed sum order cannot hide a changed formula (at init the gradients are small differences
+    of near-equal scores, where float32 rounding alone moves them by ~1e-3 of their largest entry)."""
+    batch = {"video": _batch(n=3)["video"].double()}
+    for active in range(3):
+        model = _gim("sequential", total_steps=3, seed=active, arch=arch).double()
+        x, grid = patchify(frames_as_images(batch), patch=TOY["patch"], stride=TOY["patch_stride"])  # (n g) 3 p p
+        with torch.no_grad():
+            for i in range(active):
+                x = _plain_module(model, i, x)  # (n g) C h w
+        ref = _plain_head(patch_grid(_plain_module(model, active, x), grid), model.heads[active],
+                          torch.Generator().manual_seed(5))
+        params = model.module_parameters(active)
+        grads = torch.autograd.grad(ref, params)
+        ctx = _ctx(model, step=active, lr=0.0, opt="sgd", seed=5)
+        logs = model.training_step(batch, ctx)
+        assert logs["loss"] == pytest.approx(float(ref.detach()), rel=1e-6)
+        _assert_grads(params, grads)
+        ctx.generator = torch.Generator().manual_seed(5)  # the same negatives again
+        model.training_step(batch, ctx)  # a second step: the gradients are this step's, not accumulated
+        _assert_grads(params, grads)
+    torch.manual_seed(0)
+    cpc = CPC(GIMResNet(arch), pred_steps=TOY["pred_steps"], num_negatives=TOY["num_negatives"],
+              patch=TOY["patch"], patch_stride=TOY["patch_stride"]).double()
+    x, grid = patchify(frames_as_images(batch), patch=TOY["patch"], stride=TOY["patch_stride"])  # (n g) 3 p p
+    x = cpc.encoder.stem(x)  # (n g) 64 p p
+    for name in cpc.encoder.layers:
+        for b in getattr(cpc.encoder, name):
+            x = _plain_block(b, x)  # (n g) C h w
+    ref = _plain_head(patch_grid(x, grid), cpc.head, torch.Generator().manual_seed(5))
+    loss, _ = cpc(batch, generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-7)
+    for g, r in zip(torch.autograd.grad(loss, list(cpc.parameters())), torch.autograd.grad(ref, list(cpc.parameters()))):
+        torch.testing.assert_close(g, r, rtol=1e-6, atol=1e-6 * float(r.abs().max()) + 1e-15)
+
+
+def _tensor_peak(fn):
+    """Bytes: the most tensor memory alive at once while ``fn()`` runs, net of what existed before -- measured by
+    the profiler's count of the CPU allocator's calls (as tools/bench_gim.py's ``tensors`` column), not assumed."""
+    import os
+    import tempfile
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    fd, path = tempfile.mkstemp(suffix=".json")
+    os.close(fd)
+    try:
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            events = json.load(f)["traceEvents"]
+    finally:
+        os.unlink(path)
+    mem = sorted((e for e in events if e.get("name") == "[memory]"), key=lambda e: e["ts"])
+    if not mem:
+        return 0
+    # the profiler's running total carries what earlier profiled code left allocated: count from this run's start
+    base = mem[0]["args"]["Total Allocated"] - mem[0]["args"]["Bytes"]
+    return max(e["args"]["Total Allocated"] for e in mem) - base
+
+
+def test_sequential_mode_frees_earlier_activations_measured_peak(one_thread, monkeypatch):
+    """Measured tensor peaks (allocator calls, see _tensor_peak) of one training step with module 1 active, 16x16
+    patches: the sequential step needs no more than module 1 trained alone on its cached input (plus that input),
+    while a sequential step that keeps the frozen module 0's graph (no ``no_grad``) and the official joint step
+    (every module's graph alive at once) both exceed it by at least module 0's saved maps."""
+    kw = dict(patch=16, patch_stride=8, pred_steps=2, num_negatives=8)
+    batch = _batch(n=2, size=48)  # 5x5 grid of 16x16 patches: module 0's maps (50, 64, 16, 16) are 3.3 MB each
+    map0 = 50 * 64 * 16 * 16 * 4
+
+    def seq_step():
+        model = _gim("sequential", total_steps=3, **kw)
+        ctx = _ctx(model, step=1)
+        return lambda: model.training_step(batch, ctx)
+
+    alone = _gim("sequential", total_steps=3, **kw)
+    ctx = _ctx(alone, step=1)
+    x, grid = alone._patches(batch)
+    with torch.no_grad():
+        x = alone.blocks[0](x)  # (n g) 64 16 16: module 1's input, cached
+
+    def alone_step():
+        _, loss, _ = alone.module_loss(1, x, grid, ctx.generator)
+        loss.backward()
+        ctx.optimizers["module1"].step()
+
+    budget = _tensor_peak(alone_step) + x.numel() * x.element_size()
+    seq = _tensor_peak(seq_step())
+    joint = _gim("joint", **kw)
+    joint_peak = _tensor_peak(lambda: joint.training_step(batch, _ctx(joint)))
+    leaky_step = seq_step()
+    monkeypatch.setattr(torch, "no_grad", contextlib.nullcontext)  # frozen module 0 now keeps its graph
+    leaky = _tensor_peak(leaky_step)
+    monkeypatch.undo()
+    print(f"tensor peaks (MiB): sequential {seq / 2**20:.1f}, budget {budget / 2**20:.1f}, leaky {leaky / 2**20:.1f}, "
+          f"joint {joint_peak / 2**20:.1f}, one module-0 map {map0 / 2**20:.1f}")
+    assert seq <= 1.05 * budget, (seq, budget)
+    assert leaky > budget + 3 * map0 and joint_peak > budget + 3 * map0, (leaky, joint_peak, budget, map0)
 
 
 def _stripes(n, seed, size=24):

@@ -117,8 +117,8 @@ def child(args) -> dict:
 
     def one_step(i: int) -> None:
         if name == "cpc":
+            opts["main"].zero_grad(set_to_none=True)  # before the forward, as every GIM mode does
             loss, _ = model(batch, generator=gen)
-            opts["main"].zero_grad(set_to_none=True)
             loss.backward()
             opts["main"].step()
         else:

@@ -32,7 +32,7 @@ from vidssl.config import ConfigError
 from vidssl.losses.contrastive import contrastive_logs, in_batch_scores, info_nce
 from vidssl.models.objective import BuildContext, DataNeeds, Objective
 
-__all__ = ["CPC", "RowCPCHead", "patch_grid", "patchify", "row_cpc_loss"]
+__all__ = ["CPC", "RowCPCHead", "patch_grid", "patchify", "row_cpc_loss", "trunk_input"]
 
 NEGATIVES = ("batch_sampled", "batch_all")
 
@@ -57,9 +57,23 @@ def patchify(images: torch.Tensor, *, patch: int = 16, stride: int = 8) -> tuple
     return out, (gh, gw)
 
 
+def trunk_input(patches: torch.Tensor) -> torch.Tensor:
+    """The patch batch ``(N, C, p, p)`` in channels-last memory, as both CPC and every GIM mode feed it to the
+    trunk: the CPU's oneDNN convolutions then read and write NHWC directly, where NCHW costs a reordered copy of the
+    input and of the output (forward) and of the gradients (backward) -- about two extra maps alive inside every
+    convolution at the full patch resolution. Same values; convolutions may round differently."""
+    return patches.contiguous(memory_format=torch.channels_last)  # N C p p (NHWC strides)
+
+
 def patch_grid(features: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    """Average-pool per-patch maps and lay them back on the grid: ``(B * gh * gw, C, h, w) -> (B, C, gh, gw)``."""
-    pooled = features.mean(dim=(-2, -1))  # (b gh gw) c
+    """Average-pool per-patch maps and lay them back on the grid: ``(B * gh * gw, C, h, w) -> (B, C, gh, gw)``.
+
+    Channels-last maps are averaged through their NHWC view, so the gradient comes back channels-last too (the mean
+    over an NCHW view returns an NCHW gradient, which every convolution of a channels-last backward then copies)."""
+    if features.is_contiguous(memory_format=torch.channels_last):
+        pooled = einops.rearrange(features, "n c h w -> n h w c").mean(dim=(1, 2))  # (b gh gw) c
+    else:
+        pooled = features.mean(dim=(-2, -1))  # (b gh gw) c
     return einops.rearrange(pooled, "(b gh gw) c -> b c gh gw", gh=grid[0], gw=grid[1])
 
 
@@ -107,7 +121,12 @@ def row_cpc_loss(codes: torch.Tensor, predictors: nn.ModuleList, *, skip: int = 
                                 device=generator.device if generator is not None else codes.device)
             idx = idx.to(codes.device)  # M n
             pos = einops.einsum(ctx_rows, fut_rows, "m c, m c -> m")[:, None]  # M 1
-            neg = einops.einsum(ctx_rows, fut_rows[idx], "m c, m n c -> m n")  # M n
+            if m <= num_negatives * c:  # every pair's score, then the drawn ones: M M instead of M n c saved
+                every = einops.einsum(ctx_rows, fut_rows, "m c, j c -> m j")  # M M, not saved (gather keeps idx)
+                neg = every.gather(1, idx)  # M n
+                del every
+            else:  # more rows than one row's gathered candidates hold: gather the codes
+                neg = einops.einsum(ctx_rows, fut_rows[idx], "m c, m n c -> m n")  # M n
             scores, target = torch.cat([pos, neg], dim=1), 0  # M (1+n), positive in column 0
         loss, n = info_nce(scores, target)
         logs = contrastive_logs(loss, n, scores, target)
@@ -212,5 +231,5 @@ class CPC(Objective):
     def forward(self, batch: dict, generator: torch.Generator | None = None):
         """``batch["video"]`` ``(B, T, 3, H, W)`` (frames used as images) -> ``(loss, logs)``."""
         patches, grid = patchify(frames_as_images(batch), patch=self.patch, stride=self.patch_stride)  # (n g) 3 p p
-        codes = patch_grid(self.encoder(patches), grid)  # n C gh gw
+        codes = patch_grid(self.encoder(trunk_input(patches)), grid)  # n C gh gw
         return self.head(codes, generator)

@@ -15,12 +15,19 @@ Modes (``mode``):
   equals end-to-end CPC (GIM #22). ``backward: per_module`` runs each module's backward right after its forward, so
   only one module's graph is ever alive (same gradients, lower peak).
 * ``sequential``: one module at a time per ``module_steps`` (steps per module, adding up to ``train.steps``;
-  default an equal split); earlier modules run frozen in eval mode under ``torch.no_grad()`` (each output freed as
-  the next module consumes it; not ``inference_mode``, whose outputs autograd refuses to save as the active
-  module's input), later ones are not run, and only the active module's optimiser steps. The active module's input
-  and per-patch maps are released before its backward (only their pooled codes and what autograd saved stay).
-  Caching earlier outputs on disk is not implemented: the frozen modules are recomputed every step, as the official
+  default an equal split); earlier modules run frozen in eval mode under ``torch.no_grad()`` (block by block, each
+  map freed once the next block has read it; not ``inference_mode``, whose outputs autograd refuses to save as the
+  active module's input), later ones are not run, and only the active module's optimiser steps. The active module
+  also runs block by block (:meth:`_EncoderModule.steps`: no frame keeps a stage's input alive through the stage),
+  and its per-patch maps are released after pooling (only the codes and what autograd saved stay). Caching earlier
+  outputs on disk is not implemented: the frozen modules are recomputed every step, as the official
   ``--train_module`` does.
+
+Memory, in every mode and in end-to-end :class:`~vidssl.models.cpc.CPC` alike (the same trunk code, so
+``tools/bench_gim.py`` compares like with like): channels-last patches (no oneDNN reorder copies inside each
+convolution), ReLUs on convolution outputs and the residual sums in place, ReLU gradients masked in place
+(:class:`_ReLU`), gradients set to ``None`` before the forward. None of it changes a loss or a gradient beyond float
+rounding (tests/test_gim.py checks this in float64 against the plain computation).
 * ``pipelined``: ``workers`` threads, each owning a contiguous group of modules with their optimisers; between
   groups a one-slot buffer of detached activations (a bounded queue of size 1). Each engine step every worker runs
   concurrently on what its buffer holds: group 0 on the new batch, group g on group g-1's output of the previous
@@ -50,12 +57,40 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from vidssl.config import ConfigError
-from vidssl.models.cpc import RowCPCHead, frames_as_images, patch_grid, patchify
+from vidssl.models.cpc import RowCPCHead, frames_as_images, patch_grid, patchify, trunk_input
 from vidssl.models.objective import BuildContext, DataNeeds, Objective, StepContext
 
 __all__ = ["GIM", "GIMResNet", "encoder_modules", "gim_resnet_from_config"]
 
 # ------------------------------------------------------------------------------------------------ GIM's own ResNet
+
+
+class _ReLU(torch.autograd.Function):
+    """ReLU for the blocks below: in place on request (``x`` must then be a map nothing else reads, a convolution's
+    fresh output), and a backward that masks the incoming gradient in place where autograd's ``threshold_backward``
+    writes a new map (one map fewer alive at every ReLU of the backward). Safe here because inside a block a ReLU's
+    output feeds only convolutions, so its incoming gradient is their fresh ``grad_input`` (or its sum), read by
+    nothing else; same values as ``torch.relu`` (the same ``threshold_backward``, written into its input)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, inplace: bool) -> torch.Tensor:
+        out = x.relu_() if inplace else torch.relu(x)  # b c h w
+        if inplace:
+            ctx.mark_dirty(x)
+        ctx.save_for_backward(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (out,) = ctx.saved_tensors
+        return torch.ops.aten.threshold_backward.grad_input(grad, out, 0, grad_input=grad), None  # b c h w
+
+
+def _relu(x: torch.Tensor, *, inplace: bool = False) -> torch.Tensor:
+    """:class:`_ReLU` when a graph is recorded, plain ``relu`` / ``relu_`` otherwise (frozen modules)."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _ReLU.apply(x, inplace)
+    return x.relu_() if inplace else torch.relu(x)  # b c h w
 
 
 class _PreActBottleneck(nn.Module):
@@ -72,11 +107,10 @@ class _PreActBottleneck(nn.Module):
         self.shortcut = (nn.Conv2d(cin, cout, 1, stride=stride, bias=False) if stride != 1 or cin != cout else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = torch.relu(x)  # b cin h w
+        out = _relu(x)  # b cin h w (not in place: x is the identity)
         idt = x if self.shortcut is None else self.shortcut(out)  # b cout h' w'
-        out = self.conv1(out)  # b width h w
-        out = self.conv2(torch.relu(out))  # b width h' w'
-        return self.conv3(torch.relu(out)) + idt  # b cout h' w'
+        out = self.conv2(_relu(self.conv1(out), inplace=True))  # b width h' w' (conv outputs are not saved)
+        return _residual(self.conv3(_relu(out, inplace=True)), idt)  # b cout h' w'
 
 
 class _PreActBasic(nn.Module):
@@ -91,9 +125,15 @@ class _PreActBasic(nn.Module):
         self.shortcut = (nn.Conv2d(cin, width, 1, stride=stride, bias=False) if stride != 1 or cin != width else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = torch.relu(x)  # b cin h w
+        out = _relu(x)  # b cin h w (not in place: x is the identity)
         idt = x if self.shortcut is None else self.shortcut(out)  # b width h' w'
-        return self.conv2(torch.relu(self.conv1(out))) + idt  # b width h' w'
+        return _residual(self.conv2(_relu(self.conv1(out), inplace=True)), idt)  # b width h' w'
+
+
+def _residual(branch: torch.Tensor, idt: torch.Tensor) -> torch.Tensor:
+    """``branch + idt``, written into ``branch`` (a convolution's fresh output, which no backward needs) when the
+    dtypes agree: one map fewer alive than an out-of-place sum."""
+    return branch.add_(idt) if branch.dtype == idt.dtype else branch + idt  # b c h w
 
 
 class GIMResNet(nn.Module):
@@ -145,7 +185,8 @@ class GIMResNet(nn.Module):
             raise ValueError(f"upto: {stop!r} is not built in this encoder (has {list(self.layers)})")
         x = self.stem(x)  # b 64 H W
         for name in self.layers:
-            x = getattr(self, name)(x)  # b c h w
+            for block in getattr(self, name):  # block by block: no caller holds a stage's input through the stage
+                x = block(x)  # b c h w
             if name == stop:
                 break
         return x
@@ -203,12 +244,20 @@ class _EncoderModule(nn.Module):
     def parameters_of(self) -> list[nn.Parameter]:
         return [p for part in self.parts() for p in part.parameters()]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def steps(self) -> list[Callable[[torch.Tensor], torch.Tensor]]:
+        """The module as a flat list of callables (the stem, then every block), for a loop ``x = f(x)`` in which
+        nothing but the loop variable holds a block's input, so each map is freed once the next block has read it
+        (calling a stage, or this module, from a frame that keeps its argument holds the input to the end)."""
         enc = self._enc[0]
+        stem = []
         if self.with_stem:
-            x = enc.stem(x) if hasattr(enc, "stem") else enc.maxpool(enc.relu(enc.bn1(enc.conv1(x))))  # n c h w
-        for stage in self._stages():
-            x = stage(x)  # n c' h' w'
+            stem = [enc.stem if hasattr(enc, "stem") else
+                    (lambda x: enc.maxpool(enc.relu(enc.bn1(enc.conv1(x)))))]  # n c h w
+        return stem + [block for stage in self._stages() for block in stage]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for f in self.steps():
+            x = f(x)  # n c' h' w'
         return x
 
     def set_mode(self, train: bool) -> None:
@@ -388,7 +437,9 @@ class GIM(Objective):
         return next((i for i, end in enumerate(self.module_ends) if step < end), len(self.blocks) - 1)
 
     def _patches(self, batch: dict) -> tuple[torch.Tensor, tuple[int, int]]:
-        return patchify(frames_as_images(batch), patch=self.patch, stride=self.patch_stride)  # (n g) 3 p p
+        """The patch batch ``(n g, 3, p, p)`` in channels-last memory (:func:`~vidssl.models.cpc.trunk_input`)."""
+        x, grid = patchify(frames_as_images(batch), patch=self.patch, stride=self.patch_stride)  # (n g) 3 p p
+        return trunk_input(x), grid
 
     def module_loss(self, i: int, x: torch.Tensor, grid: tuple[int, int], generator: torch.Generator | None):
         """Module ``i`` on ``x`` (already detached): ``(its per-patch maps, loss, logs)``."""
@@ -422,14 +473,16 @@ class GIM(Objective):
     def _step_module(self, i: int, x: torch.Tensor, grid, ctx: StepContext, generator, *, backward: bool = True):
         name = f"module{i}"
         opt, scaler = ctx.optimizers[name], ctx.scalers.get(name)
+        if backward:
+            opt.zero_grad(set_to_none=True)  # before the forward: last step's gradients are not alive through it
         with ctx.autocast():
             out, loss, logs = self.module_loss(i, x, grid, generator)
         if backward:
-            self._backward_step(loss, opt, scaler, i, ctx)
+            self._backward_step(loss, scaler, i, ctx)
         return out.detach(), loss, logs
 
-    def _backward_step(self, loss, opt, scaler, i: int, ctx: StepContext) -> None:
-        opt.zero_grad(set_to_none=True)
+    def _backward_step(self, loss, scaler, i: int, ctx: StepContext) -> None:
+        """Backward of module ``i``'s loss into gradients its optimiser has set to ``None`` before the forward."""
         (loss if scaler is None else scaler.scale(loss)).backward()
         self._optimiser_step(i, ctx)
 
@@ -454,14 +507,15 @@ class GIM(Objective):
     def _joint(self, batch: dict, ctx: StepContext) -> dict[str, float]:
         x, grid = self._patches(batch)
         losses, logs = [], {}
+        names = [f"module{i}" for i in range(len(self.blocks))]
+        if self.backward == "summed":
+            for n in names:  # before the forward, as in every mode: last step's gradients are not kept through it
+                ctx.optimizers[n].zero_grad(set_to_none=True)
         for i in range(len(self.blocks)):
             x, loss, lg = self._step_module(i, x, grid, ctx, ctx.generator, backward=self.backward == "per_module")
             losses.append(loss)
             logs.update({f"m{i}/{k}": v for k, v in lg.items()})
         if self.backward == "summed":  # PR #18: one backward; the detach keeps the gradient supports disjoint
-            names = [f"module{i}" for i in range(len(self.blocks))]
-            for n in names:
-                ctx.optimizers[n].zero_grad(set_to_none=True)
             scaled = [loss if ctx.scalers.get(n) is None else ctx.scalers[n].scale(loss)  # each by its own scaler
                       for n, loss in zip(names, losses)]
             sum(scaled).backward()
@@ -472,22 +526,24 @@ class GIM(Objective):
 
     def _sequential(self, batch: dict, ctx: StepContext) -> dict[str, float]:
         active = self.active_module(ctx.step)
+        name = f"module{active}"
+        ctx.optimizers[name].zero_grad(set_to_none=True)  # last step's gradients are not kept through the forward
         x, grid = self._patches(batch)
         with torch.no_grad(), ctx.autocast():
-            for i in range(active):  # frozen: eval mode, no graph kept, each output freed by the next
+            for i in range(active):  # frozen: eval mode, no graph kept, each map freed once the next block read it
                 self.blocks[i].set_mode(False)
-                x = self.blocks[i](x)  # (n g) C h w
+                for f in self.blocks[i].steps():
+                    x = f(x)  # (n g) C h w
         self.blocks[active].set_mode(True)
         with ctx.autocast():
-            out = self.blocks[active](x)  # (n g) C h w
-            del x  # the frozen output: nothing of it is needed by the backward of a pre-activation block
-            codes = patch_grid(out, grid)  # n C gh gw
-            del out  # the maps: only their pooled codes are used (the per-patch maps alive in backward cost 1 map)
+            for f in self.blocks[active].steps():  # only the loop variable holds a block's input (see steps())
+                x = f(x)  # (n g) C h w
+            codes = patch_grid(x, grid)  # n C gh gw
+            del x  # the maps: only their pooled codes are used (the per-patch maps alive in backward cost 1 map)
             loss, lg = self.heads[active](codes, ctx.generator)
         lg.update(code_stats(codes))
         del codes
-        name = f"module{active}"
-        self._backward_step(loss, ctx.optimizers[name], ctx.scalers.get(name), active, ctx)
+        self._backward_step(loss, ctx.scalers.get(name), active, ctx)
         logs = {f"m{active}/{k}": v for k, v in lg.items()}
         logs.update(loss=float(loss.detach()), active_module=float(active))
         return logs
