@@ -163,3 +163,39 @@ def test_bf16_autocast_and_channels_last_on_the_cpu(tmp_path, capsys, monkeypatc
         torch.testing.assert_close(weights["encoder.conv1.weight"], conv.weight.detach())
     assert "autocast bf16 on cpu (train.amp=bf16)" in capsys.readouterr().err
     assert losses["bf16"] != losses["off"] and losses["bf16"] == pytest.approx(losses["off"], rel=0.05)
+
+
+def _folder_bytes(root):
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(Path(root).rglob("*")) if p.is_file()}
+
+
+INSTANCE = ["objectives.0.name=instance", "objectives.0.negatives=queue", "objectives.0.queue_size=8",
+            "objectives.0.dim=8", "objectives.0.bn_splits=2", "model.out_layer=layer2", "model.eval_layer=layer2",
+            "data.clip_len=3", "train.batch_size=2", "train.log_every=1", "data.source=synthetic", "optim.lr=1e-3"]
+
+
+@pytest.mark.parametrize("bad, key, clips", [
+    (["objectives.0.queue_size=7"], "queue_size", 8),  # refused by the objective's builder (7 % batch 2)
+    (["optim.param_groups=[{pattern: 'nothing.*', lr: 0.1}]"], "optim.param_groups.0.pattern", 8),  # the optimiser
+    (["objectives.0.queue_size=16"], "queue.queue", 8),  # the checkpoint to resume (queue of 8 stored)
+    (["train.batch_size=8"], "batch size", 4),  # the loader: fewer clips than a batch
+])
+def test_a_rejected_rerun_leaves_the_run_folder_byte_identical(tmp_path, bad, key, clips):
+    """Every check that can refuse a config runs before the first write: config.json, log.jsonl and the
+    checkpoints of the run already in the folder stay as they were."""
+    run = tmp_path / "run"
+    train(resolve_run_config(None, INSTANCE + ["train.steps=2"]), run, loader=TensorLoader(), progress=False,
+          echo=False)
+    before = _folder_bytes(run)
+    assert {"config.json", "log.jsonl"} <= set(before) and any(k.startswith("checkpoints/") for k in before)
+    cfg = resolve_run_config(None, INSTANCE + ["train.steps=4"] + bad)  # a valid config as far as keys go
+    loader = TensorLoader(num_clips=clips, batch_size=cfg.train.batch_size)
+    with pytest.raises((ValueError, RuntimeError), match=key):
+        train(cfg, run, loader=loader, progress=False, echo=False)
+    assert _folder_bytes(run) == before
+    if key == "queue.queue":
+        return  # a fresh folder has nothing to resume
+    fresh = tmp_path / "fresh"
+    with pytest.raises(ValueError, match=key):
+        train(cfg, fresh, loader=loader, progress=False, echo=False)
+    assert not fresh.exists()  # not even the folder

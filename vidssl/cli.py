@@ -58,6 +58,7 @@ def _config_help() -> str:
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from vidssl.engine import resolve_run_config, train
+    from vidssl.evaluation.probe import monitors_from_config
 
     config = find_config(args.config or DEMO_CONFIG)
     cfg = resolve_run_config(config, args.set, plugins=args.plugin)
@@ -66,11 +67,12 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
         print(json.dumps(to_dict(cfg), indent=2))
         return 0
+    monitors = monitors_from_config(cfg)  # the monitor.probe section (its frame folders are listed here)
     out = Path(args.out or Path("runs") / cfg.name)
     progress = sys.stderr.isatty() if args.progress is None else args.progress
     print(f"vidssl pretrain: recipe {config} -> {out}", flush=True)
     t0 = time.time()
-    summary = train(cfg, out, resume=args.resume, progress=progress)
+    summary = train(cfg, out, resume=args.resume, progress=progress, monitors=monitors)
     wall = time.time() - t0
     logs = summary["logs"]
     print(f"trained {summary['step']} steps in {wall:.1f} s; final loss {logs.get('loss', float('nan')):.4f}; "

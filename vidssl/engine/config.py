@@ -87,6 +87,52 @@ class EvalConfig:
 
 
 @dataclass
+class ProbeMonitorConfig:
+    """``vidssl probe`` on the live encoder during training (:class:`vidssl.evaluation.probe.ProbeMonitor`): every
+    ``every`` steps and at the last step, the encoder's frozen features of labelled frame folders are scored and the
+    headline metrics logged as ``probe/<metric>`` (e.g. ``probe/knn.k=20.top1``). The input is read the way
+    ``vidssl probe --frames`` reads it; colour space and normalisation are the run's (``model.colour``, ``data.mean``
+    / ``data.std``). Training is bit-identical with and without it."""
+
+    enabled: bool = False  #: run the probe during training
+    every: int = 100  #: steps between probes (a probe also runs at the last step)
+    frames: str = ""  #: root of the labelled frame folders, root/<sequence>/<frames> (each sequence is one class)
+    sequences: list[str] = field(default_factory=list)  #: sequences used (empty: every folder under frames)
+    #: held-out sequences: the split is by video (train on sequences, test on these; arrow of time only); empty: each
+    #: sequence's frames are split by time (first half train, rest test)
+    test_sequences: list[str] = field(default_factory=list)
+    clip_len: int = 8  #: frames per clip
+    stride: int = 1  #: frame step inside a clip
+    clips_per_video: int = 8  #: clips per sequence and split (starts spread uniformly)
+    size: int = 224  #: frames resized (short side) and centre-cropped to size x size
+    layer: Literal["layer1", "layer2", "layer3", "layer4"] | None = None  #: ResNet stage read (null: model.eval_layer)
+    #: protocols scored (empty: every one that applies; with test_sequences only arrow applies)
+    protocols: list[Literal["linear", "knn", "retrieval", "arrow"]] = field(default_factory=list)
+    batch_size: int = 32  #: frames per encoder call
+    #: keep the decoded, resized frames in memory between probes (frames x 3 x size^2 x 4 bytes); false: read again
+    cache: bool = True
+
+    def validate(self, prefix: str = "monitor.probe") -> None:
+        for name, lo in (("every", 1), ("clip_len", 1), ("stride", 1), ("clips_per_video", 1), ("size", 8),
+                         ("batch_size", 1)):
+            if getattr(self, name) < lo:
+                raise ConfigError(f"{prefix}.{name}: must be >= {lo}, got {getattr(self, name)}")
+        if self.enabled and not self.frames:
+            raise ConfigError(f"{prefix}.frames: the probe monitor needs labelled frame folders (root/<sequence>/"
+                              "<frames>); set it or monitor.probe.enabled=false")
+        if self.test_sequences and set(self.protocols) - {"arrow"}:
+            raise ConfigError(f"{prefix}.protocols: {sorted(set(self.protocols) - {'arrow'})} need train and test "
+                              "items of the same classes; with test_sequences (a split by video) only arrow applies")
+
+
+@dataclass
+class MonitorConfig:
+    """Evaluations run on the live encoder during training; their scalars go into ``log.jsonl``."""
+
+    probe: ProbeMonitorConfig = field(default_factory=ProbeMonitorConfig)
+
+
+@dataclass
 class RunConfig:
     """A whole recipe."""
 
@@ -99,12 +145,18 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)  #: evaluations during training
 
     def validate(self, prefix: str = "") -> None:
         if not self.objectives:
             raise ConfigError("objectives: at least one objective is needed")
         if "main" in self.streams:
             raise ConfigError("streams.main: 'main' is the data: section; give further streams other names")
+        layer, stages = self.monitor.probe.layer, ["layer1", "layer2", "layer3", "layer4"]
+        if layer is not None and self.model.out_layer in stages and stages.index(layer) > stages.index(
+                self.model.out_layer):
+            raise ConfigError(f"monitor.probe.layer: {layer!r} comes after model.out_layer {self.model.out_layer!r} "
+                              "(later stages are not built)")
 
     def stream_configs(self) -> dict[str, DataConfig]:
         """Every stream's data config by name, ``main`` (the ``data:`` section) first."""
@@ -208,5 +260,5 @@ def run_config_from_dict(data: dict[str, Any]) -> RunConfig:
     return resolve_run_config(base=data)
 
 
-__all__ = ["EvalConfig", "ModelConfig", "ObjectiveSpec", "OptimConfig", "ParamGroupConfig", "RunConfig",
-           "StreamConfig", "TrainConfig", "check_data_needs", "resolve_run_config", "run_config_from_dict", "to_dict"]
+__all__ = ["EvalConfig", "ModelConfig", "MonitorConfig", "ObjectiveSpec", "OptimConfig", "ParamGroupConfig",
+           "ProbeMonitorConfig", "RunConfig", "StreamConfig", "TrainConfig", "check_data_needs", "resolve_run_config", "run_config_from_dict", "to_dict"]

@@ -17,7 +17,7 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence, runtime_checkable
 
 import torch
 import torch.nn as nn
@@ -203,8 +203,73 @@ def _load_trainer_state(state: dict[str, Any], opts: dict, scalers: dict, ckpt: 
             scaler.load_state_dict(saved_scalers[name])
 
 
+@runtime_checkable
+class Monitor(Protocol):
+    """Something :func:`train` runs on the live encoder every ``every`` steps (and at the last step), on the main
+    process only, e.g. :class:`vidssl.evaluation.probe.ProbeMonitor`.
+
+    ``monitor(step, encoder) -> {name: float}``: ``step`` is the number of optimiser steps done, ``encoder`` the shared
+    encoder (never the DDP wrapper), in train mode. The scalars go into that step's ``log.jsonl`` record as
+    ``<name>/<key>``. A monitor may switch the encoder to eval mode or run it under ``no_grad``; the trainer restores
+    every submodule's training flag, every parameter's ``requires_grad`` and the global RNG state afterwards (and
+    refuses a monitor that moved the encoder), so a run with monitors reaches bit-identical weights to one without.
+    It must not change weights or BatchNorm statistics. Optional: ``name`` (default ``"monitor"``), ``every``
+    (default ``train.log_every``) and ``check(encoder)``, called on every process before anything is written to the
+    run folder (raise to refuse the run, naming the key).
+    """
+
+    def __call__(self, step: int, encoder: nn.Module) -> dict[str, float]: ...
+
+
+def _monitor_every(monitor: Callable, cfg: RunConfig) -> int:
+    every = int(getattr(monitor, "every", cfg.train.log_every))
+    if every < 1:
+        raise ValueError(f"monitor {_monitor_name(monitor)!r}: every must be >= 1, got {every}")
+    return every
+
+
+def _monitor_name(monitor: Callable) -> str:
+    return str(getattr(monitor, "name", "monitor"))
+
+
+@contextlib.contextmanager
+def _encoder_kept(encoder: nn.Module, device: torch.device) -> Iterator[None]:
+    """Restore the encoder's per-submodule training flags, ``requires_grad`` and the global RNG states after a
+    monitor call; refuse a monitor that moved the encoder's parameters."""
+    modes = [(m, m.training) for m in encoder.modules()]
+    grads = [(p, p.requires_grad) for p in encoder.parameters()]
+    where = [(p, p.device) for p in encoder.parameters()]
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        try:
+            yield
+        finally:
+            for m, training in modes:
+                m.training = training
+            for p, flag in grads:
+                p.requires_grad_(flag)
+    moved = [d for p, d in where if p.device != d]
+    if moved:
+        raise RuntimeError(f"a monitor moved the encoder off {moved[0]}; monitors must leave it where it is")
+
+
+def _run_monitors(monitors: Sequence[tuple[Callable, int]], step: int, total: int, encoder: nn.Module,
+                  device: torch.device) -> dict[str, float]:
+    """The scalars of every monitor due at ``step``, keys prefixed ``<name>/``."""
+    out: dict[str, float] = {}
+    for monitor, every in monitors:
+        if step % every and step != total:
+            continue
+        name = _monitor_name(monitor)
+        with _encoder_kept(encoder, device):
+            values = monitor(step, encoder)
+        for k, v in dict(values).items():
+            out[f"{name}/{k}"] = float(v)
+    return out
+
+
 def train(cfg: RunConfig, out_dir: str | Path, *, resume: str | Path | None = None, progress: bool = True,
-          loader: Any = None, echo: bool = True) -> dict[str, Any]:
+          loader: Any = None, echo: bool = True, monitors: Sequence[Callable[[int, nn.Module], dict[str, float]]] = ()
+          ) -> dict[str, Any]:
     """Train ``cfg`` into ``out_dir``; resumes from ``resume`` or from ``out_dir``'s latest checkpoint.
 
     Args:
@@ -214,6 +279,13 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: str | Path | None = No
         progress: tqdm progress bar on rank 0.
         loader: an already built loader of the main stream (tests); by default :func:`vidssl.data.build_loader`.
         echo: print a line per logged step when the progress bar is off.
+        monitors: :class:`Monitor` callables run on the live encoder on the main process every ``monitor.every``
+            steps and at the last step; their scalars are logged (a monitor step always writes a log record).
+
+    Nothing is written to ``out_dir`` until every check that can refuse the run has passed: the config, the model
+    and objectives (e.g. an objective's queue size against the batch), the optimisers and parameter groups, the
+    checkpoint to resume from, the loaders and the monitors' ``check``. A rejected rerun leaves an existing run
+    folder byte-identical.
 
     Each step draws the main stream's batch and, by their mixing weights, the other streams' (under
     ``batch["streams"]``). The default step is one backward of the weighted sum of the objectives' losses and one
@@ -233,10 +305,9 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: str | Path | None = No
                          f"{dist_info.world_size} processes")
     check_data_needs(cfg)
     config_dict = to_dict(cfg)
-    if dist_info.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out_dir / "config.json", json.dumps(config_dict, indent=2) + "\n")
+    monitor_every = [(m, _monitor_every(m, cfg)) for m in monitors]
 
+    # every check that can refuse the run comes before the first write to out_dir (config.json, log, checkpoints)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.train.seed)
         model = build_training_model(cfg, device=device)
@@ -247,6 +318,8 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: str | Path | None = No
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     custom = model.custom_step
     opts = _optimizers(model, cfg)
+    for m, _ in monitor_every:
+        getattr(m, "check", lambda encoder: None)(model.encoder)
     amp = effective_amp(cfg.train.amp, device)
     autocast, fp16 = _autocast(amp, device)
     if dist_info.is_main and amp != "off":
@@ -265,9 +338,6 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: str | Path | None = No
         rng = state["rng"][min(dist_info.rank, len(state["rng"]) - 1)]
         gen.set_state(rng["objective"])
         start_step = int(state["step"])
-        if dist_info.is_main:
-            _truncate_log(out_dir / "log.jsonl", start_step)
-            print(f"resumed from {ckpt} at step {start_step}", file=sys.stderr)
 
     ddp_model = model
     if dist_info.distributed and custom is None:
@@ -280,6 +350,12 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: str | Path | None = No
     if steps_per_epoch == 0:
         raise ValueError("the data loader yields no batch: fewer clips than train.batch_size "
                          f"({cfg.train.batch_size}); add videos or lower the batch size")
+    if dist_info.is_main:  # the run is accepted: from here on the run folder changes
+        out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out_dir / "config.json", json.dumps(config_dict, indent=2) + "\n")
+        if ckpt is not None:
+            _truncate_log(out_dir / "log.jsonl", start_step)
+            print(f"resumed from {ckpt} at step {start_step}", file=sys.stderr)
     weights = {name: (1.0 if name == "main" else cfg.streams[name].weight) for name in loaders}
     cursors = {name: StreamCursor(ld, batches_drawn(cfg.train.seed, name, start_step, weights[name]))
                for name, ld in loaders.items()}
@@ -344,9 +420,11 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: str | Path | None = No
         window["n"] += 1
         bar.update(1)
         bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{lr:.2e}")
-        if step % cfg.train.log_every == 0 or step == total:
+        due = [m for m in monitor_every if step % m[1] == 0 or step == total]
+        if step % cfg.train.log_every == 0 or step == total or due:
             n = window["n"]
-            rec = {"step": step, "epoch": epoch, "lr": lr, **logs,
+            watched = _run_monitors(due, step, total, model.encoder, device) if due and dist_info.is_main else {}
+            rec = {"step": step, "epoch": epoch, "lr": lr, **logs, **watched,
                    "data_time": window["data"] / n, "step_time": window["step"] / n,
                    "clips_per_s": window["clips"] / max(1e-9, window["data"] + window["step"]),
                    "skipped": int(getattr(main_loader, "skipped", 0))}
@@ -359,10 +437,13 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: str | Path | None = No
             if dist_info.is_main:
                 with open(log_path, "a") as f:
                     f.write(json.dumps(rec) + "\n")
+                shown = "".join(f" {k} {v:.4f}" for k, v in watched.items())
                 if echo and bar.disable:
                     print(f"step {step}/{total} loss {logs['loss']:.4f} lr {lr:.2e} "
                           f"data {rec['data_time']:.3f}s step {rec['step_time']:.3f}s "
-                          f"{rec['clips_per_s']:.1f} clips/s", flush=True)
+                          f"{rec['clips_per_s']:.1f} clips/s{shown}", flush=True)
+                elif shown and not bar.disable:
+                    bar.write(f"step {step}/{total}{shown}")
         if step % cfg.train.ckpt_every == 0 or step == total:
             last_ckpt = _save(out_dir, model, opts, scalers, gen, step, config_dict, cfg.train.keep_checkpoints,
                               dist_info)

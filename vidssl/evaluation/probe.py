@@ -1,7 +1,8 @@
 """Frozen-feature evaluation (``vidssl probe``): linear probe, weighted kNN, clip retrieval, arrow of time.
 
 Protocol functions are pure tensor functions on features and integer labels (any device, no model, no files), so an
-objective can call them as an in-training monitor:
+objective can call them as an in-training monitor (:class:`ProbeMonitor` does: features of the live encoder, left as
+it was; a recipe's ``monitor.probe`` section runs it from ``vidssl pretrain``):
 
 * :func:`linear_probe` -- standardise with train statistics, multinomial logistic regression (full-batch L-BFGS,
   float64) for each L2 strength of a log-spaced sweep, pick the best on a held-out part of the train split (whole
@@ -27,13 +28,14 @@ classification protocols is the mean over its frames.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import torch
 import torch.nn as nn
@@ -46,21 +48,27 @@ from vidssl.io.atomic import atomic_write_text
 from vidssl.models.encoders import ModelConfig, build_model_encoder
 from vidssl.models.lab import normalise_lab, rgb_to_lab
 
+if TYPE_CHECKING:
+    from vidssl.engine.config import RunConfig
+
 __all__ = [
     "DEFAULT_L2",
     "KNN_KS",
     "PROTOCOLS",
     "RETRIEVAL_KS",
     "FrameFeatures",
+    "ProbeMonitor",
     "arrow_folds",
     "arrow_of_time_probe",
     "clip_features",
+    "eval_mode",
     "evaluate_features",
     "fit_logistic",
     "holdout_split",
     "knn_classify",
     "knn_scores",
     "linear_probe",
+    "monitors_from_config",
     "random_init_encoder",
     "recalibrate_batchnorm",
     "retrieval_recall",
@@ -300,12 +308,34 @@ def arrow_of_time_probe(train_seq: torch.Tensor, test_seq: torch.Tensor, *, trai
 
 
 # ============================================================================================ features from models
+@contextlib.contextmanager
+def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
+    """``module`` in eval mode inside the block; on exit every submodule's ``training`` flag is what it was (a
+    training encoder whose frozen BatchNorm layers are in eval mode keeps them so)."""
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield module
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def _module_device(module: nn.Module) -> torch.device | None:
+    """Device of the first parameter (or buffer) of ``module``; ``None`` for a module without tensors."""
+    for t in (*module.parameters(), *module.buffers()):
+        return t.device
+    return None
+
+
 @dataclass
 class FrameFeatures:
     """Frozen per-frame features: resize (short side, bilinear with antialiasing) and centre-crop to ``size``, the
     encoder's input colour space, encoder to ``layer`` (``None``: its final output), global average pool.
 
-    ``__call__``: ``uint8 (N, 3, H, W)`` -> ``float32 (N, C)`` on ``device``.
+    ``__call__``: ``uint8 (N, 3, H, W)`` -> ``float32 (N, C)`` on ``device``. The encoder runs in eval mode under
+    ``no_grad``; the caller's module is never changed: it must already be on ``device``, and its training flags are
+    restored after each call (:func:`eval_mode`), so a live training encoder can be probed mid-run.
     """
 
     encoder: nn.Module
@@ -321,7 +351,11 @@ class FrameFeatures:
             raise ValueError(f"colour: {self.colour!r}; expected 'rgb' or 'lab'")
         if self.size < 8:
             raise ValueError(f"size: expected at least 8 pixels, got {self.size}")
-        self.encoder = self.encoder.to(self.device).eval()
+        have, want = _module_device(self.encoder), torch.device(self.device)
+        if have is not None and (have.type != want.type or None not in (have.index, want.index)
+                                 and have.index != want.index):
+            raise ValueError(f"device: the encoder is on {have}, features were asked on {want}; move the encoder "
+                             "first (FrameFeatures never moves the caller's module)")
 
     def preprocess(self, frames: torch.Tensor) -> torch.Tensor:
         """``uint8 (N, 3, H, W)`` -> encoder input ``float32 (N, 3, size, size)``."""
@@ -342,11 +376,13 @@ class FrameFeatures:
         return self.encode(self.preprocess(frames))
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Preprocessed ``(N, 3, size, size)`` -> pooled ``float32 (N, C)``."""
-        with torch.inference_mode():
+        """Preprocessed ``(N, 3, size, size)`` -> pooled ``float32 (N, C)`` (eval mode, ``no_grad``; the encoder's
+        training flags are restored afterwards). ``no_grad`` rather than ``inference_mode``: a live encoder may
+        cache tensors in a forward that its training steps later save for backward."""
+        with eval_mode(self.encoder), torch.no_grad():
             fmap = self.encoder(x, upto=self.layer) if self.layer is not None else self.encoder(x)  # n c h w
             feats = reduce(fmap.float(), "n c h w -> n c", "mean")  # n c
-        return feats.clone()
+        return feats
 
     def describe(self) -> str:
         norm = (f"RGB/255 normalised with mean {list(self.mean)} std {list(self.std)}" if self.colour == "rgb"
@@ -395,6 +431,11 @@ def clip_features(items: Sequence[ProbeItem], features: FrameFeatures, *, batch_
         for keys, x in _frame_batches(items, features, batch_size):
             rows.update(zip(keys, features.encode(x).cpu()))  # b c
             bar.update(len(keys))
+    return _stack_clips(items, rows)  # n t c
+
+
+def _stack_clips(items: Sequence[ProbeItem], rows: dict[tuple[str, int], torch.Tensor]) -> torch.Tensor:
+    """Per-frame features ``{(path, frame): (C,)}`` -> clip features ``(N, T, C)`` in the order of ``items``."""
     return torch.stack([torch.stack([rows[(it.path, f)] for f in it.frames]) for it in items])  # n t c
 
 
@@ -632,6 +673,7 @@ def run_probe(data: ProbeSet, out_dir: str | Path | None = None, *, checkpoint: 
     feat_layer = _feature_layer(sources[0][1], model_cfg, layer)
     encoders = []
     for role, enc, desc in sources:
+        enc.to(device)  # run_probe owns these encoders (built or loaded here)
         ff = FrameFeatures(enc, feat_layer, colour=colour, mean=mean, std=std, size=size, device=device)
         if device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats(device)
@@ -699,3 +741,131 @@ def format_summary(report: dict[str, Any]) -> str:
         rnd = f"{r['random_init_mean']:.4f}" + (f" +- {r['random_init_std']:.4f}" if n > 1 else "")
         rows.append(f"{metric:22s} {tr:>9s} {rnd:>18s}")
     return "\n".join(rows)
+
+
+# ====================================================================================== in-training monitor
+class ProbeMonitor:
+    """The probe as an in-training monitor: ``monitor(step, encoder) -> {"knn.k=20.top1": ..., ...}``.
+
+    Pass it to :func:`vidssl.engine.train` (``monitors=[...]``, a :class:`vidssl.engine.trainer.Monitor`; recipes:
+    the ``monitor.probe`` section, :func:`monitors_from_config`) or call it from an objective. Each call encodes the
+    clips of ``data`` with the LIVE encoder as :class:`FrameFeatures` does (eval mode, ``no_grad``, on the encoder's
+    device; every submodule's training flag is restored afterwards, nothing else of the encoder is touched and no
+    random number is drawn), runs :func:`evaluate_features` with ``protocols`` and returns the :func:`headline`
+    scalars plus ``time_s`` (the call's wall time). The scores are those ``vidssl probe`` reports for a checkpoint of
+    that step (same preprocessing, layer and protocols; ``stored`` BatchNorm statistics, i.e. the running ones).
+
+    Frames are read and preprocessed (resize, crop, colour space, normalisation; on the CPU) on the first call, and
+    with ``cache`` (the default) kept in CPU memory for the later calls: ``frames x 3 x size^2 x 4`` bytes for the
+    distinct frames of the clips (``len(monitor)``), e.g. 600 KB per frame at size 224, 150 KB at 112 -- 8 sequences
+    with the default 8 clips of 8 frames per half hold at most 1,024 frames, about 600 MB at 224. With
+    ``cache=False`` every call reads the files again. Cost per call: one forward per distinct frame (batches of
+    ``batch_size``) plus the protocols on the CPU (the linear probe and arrow of time fit an L-BFGS per L2 value and
+    fold: seconds to a minute on small sets). Under DDP the trainer calls it on the main process only while the other
+    processes wait at their next gradient reduction, so keep a call well under the process group's timeout.
+
+    Args:
+        data: the labelled clips (:mod:`vidssl.data.labelled`, e.g. :func:`~vidssl.data.labelled.frame_folders_set`).
+        protocols: some of :data:`PROTOCOLS` (default: every one that applies: arrow only when train and test share
+            no class).
+        size, colour, mean, std: the encoder's input as in :class:`FrameFeatures` (a run's ``model.colour``,
+            ``data.mean`` / ``data.std``).
+        layer: the stage read (``encoder(x, upto=layer)``); ``None``: the final output.
+        every: steps between calls in :func:`~vidssl.engine.train` (it also calls at the last step).
+        name: the prefix of the scalars in the training log (``probe/knn.k=20.top1``).
+        where: the config key errors name.
+    """
+
+    def __init__(self, data: ProbeSet, *, protocols: Sequence[str] | None = None, size: int = 224,
+                 layer: str | None = None, colour: str = "rgb",
+                 mean: tuple[float, float, float] = (0.485, 0.456, 0.406),
+                 std: tuple[float, float, float] = (0.229, 0.224, 0.225), every: int = 100, batch_size: int = 32,
+                 cache: bool = True, name: str = "probe", where: str = "monitor.probe") -> None:
+        shared = ({it.label for it in data.items if it.split == "train"}
+                  & {it.label for it in data.items if it.split == "test"})
+        if protocols is None or not len(protocols):
+            protocols = PROTOCOLS if shared else ("arrow",)
+        unknown = sorted(set(protocols) - set(PROTOCOLS))
+        if unknown:
+            raise ValueError(f"{where}.protocols: unknown {unknown}; expected some of {list(PROTOCOLS)}")
+        if not shared and set(protocols) - {"arrow"}:
+            raise ValueError(f"{where}.protocols: {sorted(set(protocols) - {'arrow'})} score test items against "
+                             f"train classes, but train and test share no class ({data.protocol}); use arrow")
+        for key, value, lo in (("every", every, 1), ("batch_size", batch_size, 1), ("size", size, 8)):
+            if value < lo:
+                raise ValueError(f"{where}.{key}: must be >= {lo}, got {value}")
+        if len({len(it.frames) for it in data.items}) != 1:
+            raise ValueError(f"{where}: clips of different lengths; expected one clip length")
+        self.data, self.protocols, self.layer = data, tuple(protocols), layer
+        self.every, self.batch_size, self.cache, self.name, self.where = int(every), int(batch_size), cache, name, where
+        # preprocessing only (no encoder: the live one is given at each call)
+        self._prep = FrameFeatures(nn.Identity(), None, colour=colour, mean=tuple(mean), std=tuple(std), size=size,
+                                   device="cpu")
+        self._inputs: list[tuple[list[tuple[str, int]], torch.Tensor]] | None = None
+
+    @classmethod
+    def from_config(cls, cfg: "RunConfig") -> "ProbeMonitor":
+        """The monitor of a run config's ``monitor.probe`` section (input read like ``vidssl probe --frames``;
+        encoder input and layer as ``vidssl probe --checkpoint`` reads that run's checkpoints)."""
+        from vidssl.config import ConfigError
+        from vidssl.data import labelled
+
+        mc, where = cfg.monitor.probe, "monitor.probe"
+        layer = mc.layer
+        if cfg.model.encoder in ("resnet18", "resnet34", "resnet50"):
+            layer = layer or cfg.model.eval_layer
+        elif layer is not None:
+            raise ConfigError(f"{where}.layer: only ResNet encoders take a feature layer; {cfg.model.encoder} is "
+                              "read at its final output (leave it null)")
+        try:
+            data = labelled.frame_folders_set(mc.frames, sequences=mc.sequences or None, clip_len=mc.clip_len,
+                                              stride=mc.stride, clips_per_video=mc.clips_per_video,
+                                              test_sequences=mc.test_sequences or None)
+        except (FileNotFoundError, ValueError) as exc:
+            raise ConfigError(f"{where}.frames: {exc}") from exc
+        colour = cfg.model.colour if cfg.model.colour != "auto" else "rgb"
+        return cls(data, protocols=mc.protocols or None, size=mc.size, layer=layer, colour=colour,
+                   mean=tuple(cfg.data.mean), std=tuple(cfg.data.std), every=mc.every, batch_size=mc.batch_size,
+                   cache=mc.cache, where=where)
+
+    def __len__(self) -> int:
+        """Distinct frames encoded per call."""
+        return len({(it.path, f) for it in self.data.items for f in it.frames})
+
+    def check(self, encoder: nn.Module) -> None:
+        """Refuse an encoder that lacks the stage read (called by the trainer before the run folder is written)."""
+        layers = getattr(encoder, "layers", None)
+        if self.layer is not None and layers is not None and self.layer not in layers:
+            from vidssl.config import ConfigError
+
+            raise ConfigError(f"{self.where}.layer: {self.layer!r} is not built in this encoder (has {list(layers)}; "
+                              "the default is model.eval_layer)")
+
+    def _batches(self) -> list[tuple[list[tuple[str, int]], torch.Tensor]] | Iterator:
+        if self._inputs is not None:
+            return self._inputs
+        batches = _frame_batches(self.data.items, self._prep, self.batch_size)  # read + preprocess on the CPU
+        if not self.cache:
+            return batches
+        self._inputs = list(batches)
+        return self._inputs
+
+    def features(self, encoder: nn.Module) -> torch.Tensor:
+        """Per-frame clip features ``(N, T, C)`` (CPU) of ``data.items`` from ``encoder`` as it is now."""
+        device = _module_device(encoder) or torch.device("cpu")
+        ff = FrameFeatures(encoder, self.layer, colour=self._prep.colour, mean=self._prep.mean, std=self._prep.std,
+                           size=self._prep.size, device=str(device))
+        rows: dict[tuple[str, int], torch.Tensor] = {}
+        for keys, x in self._batches():  # x: b 3 s s
+            rows.update(zip(keys, ff.encode(x.to(device)).cpu()))  # b c
+        return _stack_clips(self.data.items, rows)  # n t c
+
+    def __call__(self, step: int, encoder: nn.Module) -> dict[str, float]:
+        t0 = time.perf_counter()
+        results = evaluate_features(self.features(encoder), self.data, protocols=self.protocols)
+        return {**headline(results), "time_s": time.perf_counter() - t0}
+
+
+def monitors_from_config(cfg: "RunConfig") -> list[ProbeMonitor]:
+    """The monitors a run config enables (``monitor.probe``), for ``train(cfg, out, monitors=...)``."""
+    return [ProbeMonitor.from_config(cfg)] if cfg.monitor.probe.enabled else []
