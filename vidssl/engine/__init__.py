@@ -17,7 +17,7 @@ from vidssl.engine.checkpoint import (latest_checkpoint, load_weights_into, read
 from vidssl.engine.config import RunConfig, resolve_run_config, run_config_from_dict
 from vidssl.engine.objectives import (MultiObjective, load_plugins, objective_class, objective_names,
                                       register_objective)
-from vidssl.engine.trainer import build_training_model, train
+from vidssl.engine.trainer import Monitor, build_training_model, train
 from vidssl.models.encoders import ModelConfig, build_model_encoder, encoder_names, register_encoder
 from vidssl.models.objective import BuildContext, DataNeeds, Objective, StepContext
 
@@ -74,6 +74,7 @@ __all__ = [
     "BuildContext",
     "DataNeeds",
     "ModelConfig",
+    "Monitor",
     "MultiObjective",
     "Objective",
     "RunConfig",
