@@ -220,7 +220,8 @@ def test_memory_savings_keep_the_plain_computations_losses_and_gradients(arch, o
     ref = _plain_head(patch_grid(x, grid), cpc.head, torch.Generator().manual_seed(5))
     loss, _ = cpc(batch, generator=torch.Generator().manual_seed(5))
     torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-7)
-    for g, r in zip(torch.autograd.grad(loss, list(cpc.parameters())), torch.autograd.grad(ref, list(cpc.parameters()))):
+    params = list(cpc.parameters())
+    for g, r in zip(torch.autograd.grad(loss, params), torch.autograd.grad(ref, params)):
         torch.testing.assert_close(g, r, rtol=1e-6, atol=1e-6 * float(r.abs().max()) + 1e-15)
 
 
