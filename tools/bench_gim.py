@@ -29,27 +29,28 @@ Measured at 1d4d757 (this 2-core CPU under load from other jobs, one thread per 
 step; ``/work/heavy python tools/bench_gim.py --encoder gim_resnet34 --batch 8 --crop 64 --pred-steps 5``), training
 memory relative to end-to-end CPC (resident 600 MiB, tensors 427 MiB): sequential 0.57 / 0.43 / 0.47 resident and
 0.47 / 0.34 / 0.37 in tensors for modules 0 / 1 / 2, so end-to-end / sequential = **2.14x in tensors (goal 2x met),
-1.74x resident (not met)**; sequential / (largest share 0.40 x end-to-end) = 1.16 in tensors (goal 1.2 met), 1.42
-resident. Module 0 sets the peak, 200 MiB of tensors = eight 24.5 MiB maps at the full 16x16 patch resolution (the
-six ReLU outputs layer1's convolutions save for their weight gradients, plus in the forward the block input kept for
-the identity and the convolution's output, in the backward the gradient kept for the identity and one convolution's
-grad_input) + 1.2 MiB patches + 1.7 MiB Adam: what this trunk needs without recomputation. It was 249 MiB at 5f28c59
-(same command that session: 1.88x tensors, 1.61x resident; by the profiler per allocating op): ten maps in the
-forward (the stem output held by the stage call through layer1, a oneDNN reorder copy of an NCHW convolution's
-input/output) and in the backward (the NCHW gradient of the pooling copied to channels-last by each conv backward,
-threshold_backward's new map per ReLU, oneDNN copies); end-to-end fell less (468 -> 427 MiB: its peak is the
-forward's end, every saved map + Adam, where those transients are small; the sampled negatives' saved M x n x C codes
-and last step's gradients kept through the forward were the difference). The resident set adds glibc's heap slack:
-after the first free of a 24.5 MiB block glibc raises its mmap threshold above that size, later maps come from the
-heap, and the heap keeps what is freed (glibc's mallinfo2 after 3 steps: sequential_m0's heap 394 MiB of which 235
-MiB free, cpc's 715 MiB of which 452 MiB free). With ``--malloc-mmap-threshold 65536`` (every child alike; glibc then
-unmaps each freed block above 64 KiB) resident is 457 MiB end-to-end and 0.49 / 0.38 / 0.41: **2.02x**, largest-share
-ratio 1.23. Step time: sequential_m0 1.08 s, cpc 4.74 s (5f28c59: 1.37 / 4.64 s). Joint 1.11, joint_per_module 0.96,
-pipelined 1.18 resident (2 threads: 1.03x joint's throughput). Cut points (``--splits layer1.1,layer2.1,layer3`` etc.
-are accepted): GIM's stage split stays the default since, by the per-block counts of saved bytes (an estimate, the
-other splits were not benchmarked), moving blocks does not lower the maximum: layer3's gradient + Adam moments (82
-MiB) already make module 2 the largest with state (shares 0.32 / 0.27 / 0.40), and ending module 0 earlier moves
-full-resolution maps and their backward into module 1.
+1.74x resident (not met; a repeat at 1f3d3d7, same code: tensors identical, 1.72x resident)**; sequential / (largest
+share 0.40 x end-to-end) = 1.16 in tensors (goal 1.2 met), 1.42 resident. Module 0 sets the peak, 200 MiB of tensors
+= eight 24.5 MiB maps at the full 16x16 patch resolution (the six ReLU outputs layer1's convolutions save for their
+weight gradients, plus in the forward the block input kept for the identity and the convolution's output, in the
+backward the gradient kept for the identity and one convolution's grad_input) + 1.2 MiB patches + 1.7 MiB Adam: what
+this trunk needs without recomputation. It was 249 MiB at 5f28c59 (same command that session: 1.88x tensors, 1.61x
+resident; by the profiler per allocating op): ten maps in the forward (the stem output held by the stage call through
+layer1, a oneDNN reorder copy of an NCHW convolution's input/output) and in the backward (the NCHW gradient of the
+pooling copied to channels-last by each conv backward, threshold_backward's new map per ReLU, oneDNN copies);
+end-to-end fell less (468 -> 427 MiB: its peak is the forward's end, every saved map + Adam, where those transients
+are small; the sampled negatives' saved M x n x C codes and last step's gradients kept through the forward were the
+difference). The resident set adds glibc's heap slack: after the first free of a 24.5 MiB block glibc raises its mmap
+threshold above that size, later maps come from the heap, and the heap keeps what is freed (glibc's mallinfo2 after 3
+steps: sequential_m0's heap 394 MiB of which 235 MiB free, cpc's 715 MiB of which 452 MiB free). With
+``--malloc-mmap-threshold 65536`` (every child alike; glibc then unmaps each freed block above 64 KiB) resident is
+457 MiB end-to-end and 0.49 / 0.38 / 0.41: **2.02x**, largest-share ratio 1.23. Step time: sequential_m0 1.08 s, cpc
+4.74 s (5f28c59: 1.37 / 4.64 s). Joint 1.11, joint_per_module 0.96, pipelined 1.18 resident (2 threads: 1.03x joint's
+throughput). Cut points (``--splits layer1.1,layer2.1,layer3`` etc. are accepted): GIM's stage split stays the
+default since, by the per-block counts of saved bytes (an estimate, the other splits were not benchmarked), moving
+blocks does not lower the maximum: layer3's gradient + Adam moments (82 MiB) already make module 2 the largest with
+state (shares 0.32 / 0.27 / 0.40), and ending module 0 earlier moves full-resolution maps and their backward into
+module 1.
 
 Per-module probes (``--probe RUN``): every frame of the held-out DAVIS sequences (``--davis-root``, ``--sequences``),
 short side resized to ``--crop`` and centre-cropped, cut into the run's patch grid; each module's maps are
