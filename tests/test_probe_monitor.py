@@ -15,33 +15,12 @@ from vidssl.engine import resolve_run_config, train
 from vidssl.engine.checkpoint import read_weights
 from vidssl.evaluation import probe
 
+from test_trainer import TensorLoader  # tests/test_trainer.py: the engine's loader interface in memory
+
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _single_thread(one_thread):  # conftest's one_thread for every test here
     yield
-    torch.set_num_threads(before)
-
-
-class TensorLoader:
-    """A deterministic in-memory loader with the engine's loader interface (set_epoch, len, iter, skipped)."""
-
-    def __init__(self, num_clips=8, batch_size=2, T=3, size=32, seed=0):
-        g = torch.Generator().manual_seed(seed)
-        self.clips = torch.rand(num_clips, T, 3, size, size, generator=g)
-        self.batch_size, self.epoch, self.skipped = batch_size, 0, 0
-
-    def set_epoch(self, epoch):
-        self.epoch = epoch
-
-    def __len__(self):
-        return len(self.clips) // self.batch_size
-
-    def __iter__(self):
-        order = torch.randperm(len(self.clips), generator=torch.Generator().manual_seed(100 + self.epoch))
-        for b in range(len(self)):
-            yield {"video": self.clips[order[b * self.batch_size:(b + 1) * self.batch_size]]}
 
 
 def _frame_folders(root, names=("s0", "s1", "s2"), frames=8, size=(24, 32)):
