@@ -152,7 +152,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_probe(args: argparse.Namespace) -> int:
     from vidssl.data import labelled
     from vidssl.engine.objectives import load_plugins
-    from vidssl.evaluation.probe import format_summary, run_probe
+    from vidssl.evaluation.probe import default_protocols, format_summary, run_probe
 
     load_plugins(args.plugin, where="--plugin")
     if bool(args.checkpoint) == bool(args.encoder):
@@ -170,10 +170,8 @@ def cmd_probe(args: argparse.Namespace) -> int:
         seeds = [int(s) for s in args.seed.split(",")]
     except ValueError as exc:
         raise UserError(f"--seed: expected comma-separated integers, got {args.seed!r}") from exc
-    if args.protocols is None:  # every protocol that applies: a split by video shares no class, so arrow only
-        args.protocols = "arrow" if args.test_sequences else "linear,knn,retrieval,arrow"
-    protocols = [p.strip() for p in args.protocols.split(",") if p.strip()]
-    if args.test_sequences and set(protocols) - {"arrow"}:
+    protocols = [p.strip() for p in args.protocols.split(",") if p.strip()] if args.protocols else None
+    if args.test_sequences and protocols and set(protocols) - {"arrow"}:
         raise UserError(f"--protocols {args.protocols}: with --test-sequences train and test share no class; only "
                         "arrow applies")
     out = Path(args.out)
@@ -189,6 +187,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
         data = labelled.frame_folders_set(args.frames, sequences=args.sequences.split(",") if args.sequences else None,
                                           test_sequences=args.test_sequences.split(",") if args.test_sequences
                                           else None, **clips)
+    protocols = protocols or list(default_protocols(data))  # every protocol that applies to this split
     c = data.counts()
     print(f"vidssl probe: {data.mode} {data.root}: {len(data.classes)} classes, {c['train']['clips']} train / "
           f"{c['test']['clips']} test clips", flush=True)

@@ -61,6 +61,7 @@ __all__ = [
     "arrow_folds",
     "arrow_of_time_probe",
     "clip_features",
+    "default_protocols",
     "eval_mode",
     "evaluate_features",
     "fit_logistic",
@@ -511,7 +512,7 @@ def evaluate_features(seq: torch.Tensor, data: ProbeSet, *, protocols: Sequence[
     te = torch.tensor([i for i, it in enumerate(items) if it.split == "test"])  # n_test
     k = len(data.classes)
     class_protocols = sorted({"linear", "knn", "retrieval"} & set(protocols))
-    if class_protocols and not set(labels[tr].tolist()) & set(labels[te].tolist()):
+    if class_protocols and not _shared_classes(data):
         raise ValueError(f"protocols {class_protocols}: train and test share no class ({data.protocol}); these "
                          "protocols score test items against train classes -- use protocols=['arrow'] for a split "
                          "by video")
@@ -577,17 +578,39 @@ def _resolve_device(device: str | None) -> str:
     return str(device)
 
 
-def _feature_layer(encoder: nn.Module, model_cfg: ModelConfig, layer: str | None) -> str | None:
+def _layer_name(model_cfg: ModelConfig, layer: str | None) -> str | None:
     """``layer`` or ``model.eval_layer`` for torchvision ResNets; ``None`` (final output) for other encoders."""
     if model_cfg.encoder not in ("resnet18", "resnet34", "resnet50"):
         if layer is not None:
             raise ValueError(f"layer: only ResNet encoders take a feature layer; {model_cfg.encoder} is read at its "
                              "final output")
         return None
-    layer = layer or model_cfg.eval_layer
-    if layer not in getattr(encoder, "layers", ()):
-        raise ValueError(f"layer: {layer!r} is not built in this {model_cfg.encoder} (has {list(encoder.layers)})")
+    return layer or model_cfg.eval_layer
+
+
+def _check_layer(encoder: nn.Module, layer: str | None, where: str = "layer") -> None:
+    """Refuse a stage ``layer`` the encoder does not build (``where``: the key the error names)."""
+    layers = getattr(encoder, "layers", None)
+    if layer is not None and layers is not None and layer not in layers:
+        raise ValueError(f"{where}: {layer!r} is not built in this encoder (has {list(layers)})")
+
+
+def _feature_layer(encoder: nn.Module, model_cfg: ModelConfig, layer: str | None) -> str | None:
+    """The stage read from ``encoder`` (:func:`_layer_name`), checked to be built."""
+    layer = _layer_name(model_cfg, layer)
+    _check_layer(encoder, layer)
     return layer
+
+
+def default_protocols(data: ProbeSet) -> tuple[str, ...]:
+    """Every protocol that applies to ``data``: all of :data:`PROTOCOLS`, or only arrow of time when train and test
+    share no class (a split by video)."""
+    return PROTOCOLS if _shared_classes(data) else ("arrow",)
+
+
+def _shared_classes(data: ProbeSet) -> set[int]:
+    split = {s: {it.label for it in data.items if it.split == s} for s in ("train", "test")}
+    return split["train"] & split["test"]
 
 
 def random_init_encoder(model_cfg: ModelConfig, seed: int) -> nn.Module:
@@ -781,10 +804,9 @@ class ProbeMonitor:
                  mean: tuple[float, float, float] = (0.485, 0.456, 0.406),
                  std: tuple[float, float, float] = (0.229, 0.224, 0.225), every: int = 100, batch_size: int = 32,
                  cache: bool = True, name: str = "probe", where: str = "monitor.probe") -> None:
-        shared = ({it.label for it in data.items if it.split == "train"}
-                  & {it.label for it in data.items if it.split == "test"})
+        shared = _shared_classes(data)
         if protocols is None or not len(protocols):
-            protocols = PROTOCOLS if shared else ("arrow",)
+            protocols = default_protocols(data)
         unknown = sorted(set(protocols) - set(PROTOCOLS))
         if unknown:
             raise ValueError(f"{where}.protocols: unknown {unknown}; expected some of {list(PROTOCOLS)}")
@@ -811,12 +833,10 @@ class ProbeMonitor:
         from vidssl.data import labelled
 
         mc, where = cfg.monitor.probe, "monitor.probe"
-        layer = mc.layer
-        if cfg.model.encoder in ("resnet18", "resnet34", "resnet50"):
-            layer = layer or cfg.model.eval_layer
-        elif layer is not None:
-            raise ConfigError(f"{where}.layer: only ResNet encoders take a feature layer; {cfg.model.encoder} is "
-                              "read at its final output (leave it null)")
+        try:
+            layer = _layer_name(cfg.model, mc.layer)
+        except ValueError as exc:
+            raise ConfigError(f"{where}.{exc} (leave it null)") from exc
         try:
             data = labelled.frame_folders_set(mc.frames, sequences=mc.sequences or None, clip_len=mc.clip_len,
                                               stride=mc.stride, clips_per_video=mc.clips_per_video,
@@ -834,12 +854,12 @@ class ProbeMonitor:
 
     def check(self, encoder: nn.Module) -> None:
         """Refuse an encoder that lacks the stage read (called by the trainer before the run folder is written)."""
-        layers = getattr(encoder, "layers", None)
-        if self.layer is not None and layers is not None and self.layer not in layers:
-            from vidssl.config import ConfigError
+        from vidssl.config import ConfigError
 
-            raise ConfigError(f"{self.where}.layer: {self.layer!r} is not built in this encoder (has {list(layers)}; "
-                              "the default is model.eval_layer)")
+        try:
+            _check_layer(encoder, self.layer, f"{self.where}.layer")
+        except ValueError as exc:
+            raise ConfigError(f"{exc}; the default is model.eval_layer") from exc
 
     def _batches(self) -> list[tuple[list[tuple[str, int]], torch.Tensor]] | Iterator:
         if self._inputs is not None:
