@@ -3,8 +3,11 @@ tensors autograd saves), pipelined convergence, resume in every mode, the checkp
 the image-mode CPC loss against a loop reference."""
 
 import contextlib
+import functools
+import importlib.util
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -225,30 +228,20 @@ def test_memory_savings_keep_the_plain_computations_losses_and_gradients(arch, o
         torch.testing.assert_close(g, r, rtol=1e-6, atol=1e-6 * float(r.abs().max()) + 1e-15)
 
 
+@functools.lru_cache(maxsize=1)
+def _bench_gim():
+    """tools/bench_gim.py as a module (loaded once: the measured-peak test later patches torch.no_grad)."""
+    path = Path(__file__).resolve().parents[1] / "tools" / "bench_gim.py"
+    spec = importlib.util.spec_from_file_location("bench_gim", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _tensor_peak(fn):
-    """Bytes: the most tensor memory alive at once while ``fn()`` runs, net of what existed before -- measured by
-    the profiler's count of the CPU allocator's calls (as tools/bench_gim.py's ``tensors`` column), not assumed."""
-    import os
-    import tempfile
-
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    fd, path = tempfile.mkstemp(suffix=".json")
-    os.close(fd)
-    try:
-        prof.export_chrome_trace(path)
-        with open(path) as f:
-            events = json.load(f)["traceEvents"]
-    finally:
-        os.unlink(path)
-    mem = sorted((e for e in events if e.get("name") == "[memory]"), key=lambda e: e["ts"])
-    if not mem:
-        return 0
-    # the profiler's running total carries what earlier profiled code left allocated: count from this run's start
-    base = mem[0]["args"]["Total Allocated"] - mem[0]["args"]["Bytes"]
-    return max(e["args"]["Total Allocated"] for e in mem) - base
+    """Bytes: the most tensor memory alive at once while ``fn()`` runs, net of what existed before -- the profiler's
+    count of the CPU allocator's calls, by tools/bench_gim.py's ``tensors`` column function, not assumed."""
+    return _bench_gim().tensor_peak_bytes(fn)
 
 
 def test_sequential_mode_frees_earlier_activations_measured_peak(one_thread, monkeypatch):

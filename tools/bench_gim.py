@@ -52,6 +52,10 @@ blocks does not lower the maximum: layer3's gradient + Adam moments (82 MiB) alr
 state (shares 0.32 / 0.27 / 0.40), and ending module 0 earlier moves full-resolution maps and their backward into
 module 1.
 
+Rerun on the quiet machine after the profiler function was shared with tests/test_gim.py (same command): tensors
+identical (427 / 200 / 147 / 159 MiB), resident 647 vs 319 MiB = 2.03x (largest-share ratio 1.22): the resident ratio
+moves between 1.72x and 2.03x from run to run with glibc's defaults.
+
 Per-module probes (``--probe RUN``): every frame of the held-out DAVIS sequences (``--davis-root``, ``--sequences``),
 short side resized to ``--crop`` and centre-cropped, cut into the run's patch grid; each module's maps are
 average-pooled per patch. Two linear probes (:func:`vidssl.evaluation.probe.linear_probe`), fitted on the first half
@@ -143,7 +147,7 @@ def child(args) -> dict:
     base = _memory_now(device)
     times = []
     if args.tensor_peak:  # a separate child: the profiler's own records would inflate the resident set
-        return {"config": name, "tensor_mib": torch_peak(lambda: [one_step(i) for i in range(args.warmup)])}
+        return {"config": name, "tensor_mib": tensor_peak_bytes(lambda: [one_step(i) for i in range(args.warmup)]) / 2 ** 20}
     for i in range(args.warmup):
         one_step(i)
     for i in range(args.steps):
@@ -187,16 +191,16 @@ def module_shares(args) -> dict[str, list[float]]:
             "bytes": [[a, b] for a, b in zip(acts, state)]}
 
 
-def torch_peak(steps) -> float:
-    """MiB: the most tensor memory alive at once while ``steps()`` runs (the warm-up steps, which also create the
-    optimiser moments), net of what existed before: the profiler's count of CPU allocator calls, i.e. what the
-    tensors need, without the allocator's slack that the resident set includes."""
+def tensor_peak_bytes(fn) -> int:
+    """Bytes: the most tensor memory alive at once while ``fn()`` runs, net of what existed before -- the profiler's
+    count of CPU allocator calls, i.e. what the tensors need, without the allocator's slack that the resident set
+    includes. (Also used by tests/test_gim.py's measured-peak test.)"""
     import tempfile
 
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        steps()
+        fn()
     fd, path = tempfile.mkstemp(suffix=".json")
     os.close(fd)
     try:
@@ -204,8 +208,12 @@ def torch_peak(steps) -> float:
         events = json.loads(Path(path).read_text())["traceEvents"]
     finally:
         os.unlink(path)
-    totals = [e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]"]
-    return max(totals, default=0) / 2 ** 20
+    mem = sorted((e for e in events if e.get("name") == "[memory]"), key=lambda e: e["ts"])
+    if not mem:
+        return 0
+    # the profiler's running total carries what earlier profiled code left allocated: count from this run's start
+    base = mem[0]["args"]["Total Allocated"] - mem[0]["args"]["Bytes"]
+    return max(e["args"]["Total Allocated"] for e in mem) - base
 
 
 def random_init_run(run: str, out: str) -> Path:
