@@ -141,7 +141,9 @@ class ModelConfig:
     #: the CorrFlow/MAST stride-4 ResNet-18 (vidssl/models/mast_encoder.py; ``out_layer``/``eval_layer``/``stride8``
     #: do not apply, its features are the 64-d ``head`` output); ``r2d3d18``/``r2d3d34``, DPC's 2d3d ResNet (blocks or
     #: frames, vidssl/models/r2d3d.py); ``gim_resnet50``/``gim_resnet34``, GIM's no-BN pre-activation trunk (stages
-    #: layer1..layer3, vidssl/models/gim.py); plugins add more with :func:`register_encoder`
+    #: layer1..layer3, vidssl/models/gim.py); ``resnet50v2`` (VIVI/VTAB/BiT's pre-activation ResNet-50 v2) and
+    #: ``resnet18v2``/``resnet34v2`` (vidssl/models/resnet_v2.py; ``out_layer``/``eval_layer``/``stride8`` apply, each
+    #: stage's features BN+ReLU-normalised); plugins add more with :func:`register_encoder`
     encoder: str = "resnet18"
     out_layer: Literal["layer1", "layer2", "layer3", "layer4"] = "layer4"  #: last stage used in training
     eval_layer: Literal["layer1", "layer2", "layer3", "layer4"] = "layer3"  #: stage used for label propagation
@@ -180,10 +182,17 @@ def _gim_resnet(cfg: ModelConfig) -> nn.Module:
     return gim_resnet_from_config(cfg)
 
 
+def _resnet_v2(cfg: ModelConfig) -> nn.Module:
+    from vidssl.models.resnet_v2 import resnet_v2_from_config
+
+    return resnet_v2_from_config(cfg)
+
+
 def _builtin_encoders() -> dict[str, Callable[[ModelConfig], nn.Module]]:
     return {"resnet18": _resnet, "resnet34": _resnet, "resnet50": _resnet, "mast_resnet18": _mast,
             "r2d3d18": _r2d3d, "r2d3d34": _r2d3d,  # DPC's 2d3d ResNet (vidssl/models/r2d3d.py)
-            "gim_resnet50": _gim_resnet, "gim_resnet34": _gim_resnet}  # GIM's no-BN pre-act ResNet (models/gim.py)
+            "gim_resnet50": _gim_resnet, "gim_resnet34": _gim_resnet,  # GIM's no-BN pre-act ResNet (models/gim.py)
+            "resnet18v2": _resnet_v2, "resnet34v2": _resnet_v2, "resnet50v2": _resnet_v2}  # models/resnet_v2.py
 
 
 _ENCODERS: dict[str, Callable[[ModelConfig], nn.Module]] = _builtin_encoders()  #: the encoder registry
