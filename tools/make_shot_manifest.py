@@ -3,6 +3,8 @@ shot-structured training on small real data:
 
 * DAVIS frame folders (``--davis-root`` + ``--sequences``) have no cuts; each sequence is cut into consecutive
   segments of ``--segment`` frames that stand in for shots (a tail shorter than a segment is dropped);
+  ``--offsets 0,2,4,6`` writes one entry per offset (``name@offset``), its first segment starting there, so a
+  short held-out set gives more distinct shot sequences (the entries of one sequence overlap in frames);
 * encoded videos with known cuts (``--video PATH:CUT,CUT,...``, the frame indices where a new shot starts), e.g.
   ``../shared/data/videos/bikes.mp4`` with its hard cuts at frames 30, 76, 137, 187 and 242 (6 shots).
 
@@ -24,11 +26,14 @@ from vidssl.data.manifest import VideoEntry, davis_frames_dir, write_manifest
 from vidssl.io.readers import probe
 
 
-def segment_shots(num_frames: int, segment: int) -> list[tuple[int, int]]:
-    """Consecutive ``[start, end)`` segments of ``segment`` frames (the tail shorter than one is dropped)."""
+def segment_shots(num_frames: int, segment: int, offset: int = 0) -> list[tuple[int, int]]:
+    """Consecutive ``[start, end)`` segments of ``segment`` frames from frame ``offset`` on (the head before
+    ``offset`` and a tail shorter than a segment are dropped)."""
     if segment < 1:
         raise ValueError(f"--segment: must be >= 1, got {segment}")
-    return [(a, a + segment) for a in range(0, num_frames - segment + 1, segment)]
+    if offset < 0:
+        raise ValueError(f"--offsets: must be >= 0, got {offset}")
+    return [(a, a + segment) for a in range(offset, num_frames - segment + 1, segment)]
 
 
 def cut_shots(num_frames: int, cuts: list[int], where: str) -> list[tuple[int, int]]:
@@ -56,10 +61,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--davis-root", help="DAVIS root (JPEGImages/480p/<seq>/)")
     ap.add_argument("--sequences", default="", help="comma-separated DAVIS sequences (default: all)")
     ap.add_argument("--segment", type=int, default=8, help="frames per segment of a DAVIS sequence (default 8)")
+    ap.add_argument("--offsets", default="0", help="comma-separated first-segment offsets, one entry per offset "
+                    "(default 0: one entry per sequence, named as the sequence)")
     ap.add_argument("--video", action="append", default=[], metavar="PATH:CUT,CUT,...",
                     help="an encoded video and the frames where its shots start (repeatable)")
     args = ap.parse_args(argv)
     entries: list[VideoEntry] = []
+    try:
+        offsets = sorted({int(o) for o in args.offsets.split(",") if o.strip()})
+    except ValueError:
+        ap.error(f"--offsets: expected comma-separated integers, got {args.offsets!r}")
+    if not offsets or offsets[0] < 0 or offsets[-1] >= args.segment:
+        ap.error(f"--offsets: expected integers in [0, --segment={args.segment}), got {args.offsets!r}")
     if args.davis_root:
         frames_dir = davis_frames_dir(args.davis_root)
         if frames_dir is None:
@@ -70,7 +83,9 @@ def main(argv: list[str] | None = None) -> int:
             path = frames_dir / name
             if not path.is_dir():
                 ap.error(f"--sequences: {name} is not a folder of {frames_dir}")
-            entries.append(entry(name, path, lambda n: segment_shots(n, args.segment)))
+            for off in offsets:
+                label = name if offsets == [0] else f"{name}@{off}"
+                entries.append(entry(label, path, lambda n, o=off: segment_shots(n, args.segment, o)))
     for spec in args.video:
         path_s, sep, cuts_s = spec.rpartition(":")
         if not sep or not path_s:

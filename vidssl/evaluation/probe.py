@@ -579,8 +579,8 @@ def _resolve_device(device: str | None) -> str:
 
 
 def _layer_name(model_cfg: ModelConfig, layer: str | None) -> str | None:
-    """``layer`` or ``model.eval_layer`` for torchvision ResNets; ``None`` (final output) for other encoders."""
-    if model_cfg.encoder not in ("resnet18", "resnet34", "resnet50"):
+    """``layer`` or ``model.eval_layer`` for the ResNet trunks (v1 and v2); ``None`` (final output) for others."""
+    if model_cfg.encoder not in ("resnet18", "resnet34", "resnet50", "resnet18v2", "resnet34v2", "resnet50v2"):
         if layer is not None:
             raise ValueError(f"layer: only ResNet encoders take a feature layer; {model_cfg.encoder} is read at its "
                              "final output")

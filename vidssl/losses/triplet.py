@@ -6,7 +6,8 @@ label, ``a`` itself excluded) and the hardest negative (the nearest embedding wi
     ``L = mean_a [ margin + max_{p: y_p = y_a, p != a} d(a, p) - min_{n: y_n != y_a} d(a, n) ]_+``
 
 over the anchors that have at least one positive and one negative (others are left out of the mean; a batch with
-none gives a zero loss that still backpropagates). Distances: ``"euclidean"`` (the paper's), ``"sqeuclidean"`` or
+none gives a zero loss that still backpropagates). An optional ``ignore`` mask takes pairs out of both sets (VIVI
+with pseudo-shots cut from one continuous take: the other segments of the anchor's own video are neither). Distances: ``"euclidean"`` (the paper's), ``"sqeuclidean"`` or
 ``"cosine"`` (``1 - cos``). Computed in float32 with autocast off.
 """
 
@@ -53,7 +54,8 @@ class TripletMining(NamedTuple):
 
 
 def batch_hard_triplet(embeddings: torch.Tensor, labels: torch.Tensor, *, margin: float = 0.5,
-                       metric: Metric = "euclidean", soft: bool = False) -> tuple[torch.Tensor, TripletMining]:
+                       metric: Metric = "euclidean", soft: bool = False, ignore: torch.Tensor | None = None
+                       ) -> tuple[torch.Tensor, TripletMining]:
     """Batch-hard triplet loss.
 
     Args:
@@ -62,6 +64,7 @@ def batch_hard_triplet(embeddings: torch.Tensor, labels: torch.Tensor, *, margin
         margin: ``m`` of the hinge.
         metric: ``"euclidean"``, ``"sqeuclidean"`` or ``"cosine"``.
         soft: ``softplus(d_p - d_n)`` instead of the hinge (Hermans et al.'s soft margin; ``margin`` unused).
+        ignore: optional ``(N, N)`` bool, ``True`` where a pair is neither a positive nor a negative.
 
     Returns:
         ``(loss, mining)``: the float32 mean over valid anchors (0 when none), and the :class:`TripletMining`.
@@ -73,6 +76,10 @@ def batch_hard_triplet(embeddings: torch.Tensor, labels: torch.Tensor, *, margin
     same = labels[:, None] == labels[None, :]  # (N, N)
     eye = torch.eye(n, dtype=torch.bool, device=dist.device)
     pos_mask, neg_mask = same & ~eye, ~same  # (N, N)
+    if ignore is not None:
+        if ignore.shape != (n, n) or ignore.dtype != torch.bool:
+            raise ValueError(f"ignore must be a (N, N)=({n}, {n}) bool mask, got {tuple(ignore.shape)} {ignore.dtype}")
+        pos_mask, neg_mask = pos_mask & ~ignore, neg_mask & ~ignore  # (N, N)
     pos_dist, pos_index = dist.masked_fill(~pos_mask, float("-inf")).max(dim=1)  # (N,)
     neg_dist, neg_index = dist.masked_fill(~neg_mask, float("inf")).min(dim=1)  # (N,)
     valid = pos_mask.any(dim=1) & neg_mask.any(dim=1)  # (N,)
@@ -99,16 +106,20 @@ class BatchHardTripletLoss(nn.Module):
             raise ValueError(f"margin: must be >= 0, got {margin}")
         self.margin, self.metric, self.soft = float(margin), metric, bool(soft)
 
-    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        """``embeddings (N, D)``, ``labels (N,)`` -> ``(loss, logs)``."""
-        loss, m = batch_hard_triplet(embeddings, labels, margin=self.margin, metric=self.metric, soft=self.soft)
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, ignore: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, dict[str, float]]:
+        """``embeddings (N, D)``, ``labels (N,)``, optional ``ignore (N, N)`` -> ``(loss, logs)``."""
+        loss, m = batch_hard_triplet(embeddings, labels, margin=self.margin, metric=self.metric, soft=self.soft,
+                                     ignore=ignore)
         with torch.no_grad():
             v = m.valid
             k = max(int(v.sum()), 1)
-            hinge = (m.pos_dist - m.neg_dist + self.margin > 0) & v  # (N,)
+            hinge = (m.pos_dist - m.neg_dist + (0.0 if self.soft else self.margin) > 0) & v  # (N,)
             dist = pairwise_distances(embeddings.detach(), self.metric)  # (N, N)
             same = labels[:, None] == labels[None, :]  # (N, N)
             same.fill_diagonal_(False)
+            if ignore is not None:
+                same &= ~ignore
             near_pos = dist.masked_fill(~same, float("inf")).min(dim=1).values  # (N,)
             logs = {"loss": float(loss.detach()), "active": float(hinge.sum()) / k,
                     "pos_dist": float(m.pos_dist[v].sum()) / k, "neg_dist": float(m.neg_dist[v].sum()) / k,

@@ -13,6 +13,11 @@ The shared encoder ``f`` maps every frame to a global-average-pooled feature ``h
     the Exemplar baseline VIVI builds on): :func:`vidssl.losses.triplet.batch_hard_triplet`.
   - ``"infonce"`` (ours, recommended by the spec): the same positives as a multi-positive InfoNCE over cosine
     similarities of ``g(h)`` (:func:`vidssl.losses.info_nce` with a positives mask, self excluded).
+  - ``shot_negatives: other_videos`` (ours) takes the other shots of the anchor's own video out of both forms'
+    negatives. The paper's shots are separated by cuts; pseudo-shots cut from one continuous take (DAVIS segments)
+    are near-duplicates of their neighbours, and batch-hard mining then always picks the neighbouring segment as the
+    hardest negative -- closer than a differently cropped frame of the anchor's own shot -- so the hinge is
+    minimised by collapsing every embedding to one point (loss = margin; measured, configs/vivi_sample.yaml).
   - ``"rotation"`` (the paper's Rot variant): every frame rotated by 0/90/180/270 degrees (a balanced draw), a linear
     head on ``h`` predicts the rotation. The frames' features for ``L_V`` are then those of the rotated frames (one
     encoder pass; ours -- the paper does not say).
@@ -67,6 +72,9 @@ class VIVIParams:
     margin: float = 0.5  #: triplet margin (ours; the paper does not state it)
     distance: Literal["euclidean", "sqeuclidean", "cosine"] = "euclidean"  #: triplet distance (ours)
     normalize: bool = True  #: L2-normalise g(h) before the triplet distances (ours)
+    soft_margin: bool = False  #: triplet: softplus(d_p - d_n) (Hermans et al.'s soft margin) instead of the hinge
+    #: L_S negatives: every other shot (paper) or only shots of other videos (ours, for pseudo-shots of one take)
+    shot_negatives: Literal["all", "other_videos"] = "all"
     temperature: float = 0.1  #: infonce form's temperature (ours)
     proj_dim: int = 128  #: output of the projection head g (ours)
     proj_hidden: int = 512  #: hidden width of g, a 2-layer MLP (ours)
@@ -172,6 +180,8 @@ class VIVI(Objective):
         margin: triplet margin.
         distance: triplet distance ``"euclidean"``, ``"sqeuclidean"`` or ``"cosine"``.
         normalize: L2-normalise the projections before the triplet distances.
+        soft_margin: triplet soft margin ``softplus(d_p - d_n)`` (``margin`` unused).
+        shot_negatives: ``"all"`` (paper) or ``"other_videos"`` (the other shots of a video are not L_S negatives).
         temperature: InfoNCE-form temperature.
         proj_dim, proj_hidden: projection head g (2-layer MLP).
         pooling: ``"mean"`` or ``"attention"`` shot pooling.
@@ -219,6 +229,7 @@ class VIVI(Objective):
     def __init__(self, encoder: nn.Module, *, num_shots: int, frames_per_shot: int,
                  shot_loss: Literal["triplet", "infonce", "rotation"] = "triplet", margin: float = 0.5,
                  distance: Literal["euclidean", "sqeuclidean", "cosine"] = "euclidean", normalize: bool = True,
+                 soft_margin: bool = False, shot_negatives: Literal["all", "other_videos"] = "all",
                  temperature: float = 0.1, proj_dim: int = 128, proj_hidden: int = 512,
                  pooling: Literal["mean", "attention"] = "mean", shot_dim: int = 128, attn_dim: int = 64,
                  video_loss: Literal["order", "permutation", "prediction", "none"] = "order",
@@ -229,6 +240,8 @@ class VIVI(Objective):
         super().__init__()
         if shot_loss not in ("triplet", "infonce", "rotation"):
             raise ValueError(f"shot_loss: expected triplet, infonce or rotation, got {shot_loss!r}")
+        if shot_negatives not in ("all", "other_videos"):
+            raise ValueError(f"shot_negatives: expected all or other_videos, got {shot_negatives!r}")
         if video_loss not in ("order", "permutation", "prediction", "none"):
             raise ValueError(f"video_loss: expected order, permutation, prediction or none, got {video_loss!r}")
         if order_head not in ("mlp", "lstm") or predictor not in ("lstm", "mlp"):
@@ -249,6 +262,7 @@ class VIVI(Objective):
         self.num_shots, self.frames_per_shot = int(num_shots), int(frames_per_shot)
         self.shot_loss, self.video_loss = shot_loss, video_loss
         self.normalize, self.temperature = bool(normalize), float(temperature)
+        self.shot_negatives = shot_negatives
         self.video_weight, self.sup_weight = float(video_weight), float(sup_weight)
         self.order_head_kind, self.predictor_kind = order_head, predictor
         self.sep_temperature, self.sep_same_video_negatives = float(sep_temperature), bool(sep_same_video_negatives)
@@ -258,7 +272,7 @@ class VIVI(Objective):
             self.rotation_head = nn.Linear(c, 4)
         else:
             self.proj = _mlp(c, proj_hidden, proj_dim)  # g
-            self.triplet = BatchHardTripletLoss(margin, distance)
+            self.triplet = BatchHardTripletLoss(margin, distance, soft=soft_margin)
         if video_loss != "none":
             self.u = nn.Linear(c, shot_dim)
             self.pool = ShotPooling(shot_dim, pooling, attn_dim)
@@ -299,21 +313,28 @@ class VIVI(Objective):
         _, (state, _) = self.order_lstm(e)  # state (1, B, H)
         return self.order_head(state[0])  # (B, C)
 
-    def _shot_level(self, h: torch.Tensor, shot_ids: torch.Tensor, rot: torch.Tensor | None
-                    ) -> tuple[torch.Tensor, dict[str, float]]:
-        """L_S over ``h (N, C)`` with shot labels ``(N,)`` (rotation: the rotation classes ``rot (N,)``)."""
+    def _shot_level(self, h: torch.Tensor, shot_ids: torch.Tensor, rot: torch.Tensor | None,
+                    video_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+        """L_S over ``h (N, C)`` with shot labels ``(N,)`` (rotation: the rotation classes ``rot (N,)``); with
+        ``shot_negatives="other_videos"`` the frames' videos ``video_ids (N,)`` take same-video shots out."""
         if self.shot_loss == "rotation":
             logits = self.rotation_head(h)  # (N, 4)
             loss = F.cross_entropy(logits, rot)  # ()
             return loss, {"loss": float(loss.detach()), "rot_acc": float((logits.argmax(1) == rot).float().mean())}
         z = self.proj(h)  # (N, P)
+        same_shot = shot_ids[:, None] == shot_ids[None, :]  # (N, N)
+        ignore = None
+        if self.shot_negatives == "other_videos":
+            ignore = (video_ids[:, None] == video_ids[None, :]) & ~same_shot  # (N, N) other shots, same video
         if self.shot_loss == "triplet":
-            return self.triplet(F.normalize(z, dim=-1) if self.normalize else z, shot_ids)
+            return self.triplet(F.normalize(z, dim=-1) if self.normalize else z, shot_ids, ignore)
         scores, _ = in_batch_scores(z, z, temperature=self.temperature, normalize=True)  # (N, N)
-        not_self = ~torch.eye(z.shape[0], dtype=torch.bool, device=z.device)  # (N, N)
-        positives = (shot_ids[:, None] == shot_ids[None, :]) & not_self  # (N, N)
-        loss, n = info_nce(scores, positives, valid=not_self)
-        return loss, contrastive_logs(loss, n, scores, positives, not_self)
+        valid = ~torch.eye(z.shape[0], dtype=torch.bool, device=z.device)  # (N, N) not self
+        if ignore is not None:
+            valid &= ~ignore
+        positives = same_shot & valid  # (N, N)
+        loss, n = info_nce(scores, positives, valid=valid)
+        return loss, contrastive_logs(loss, n, scores, positives, valid)
 
     def _video_level(self, e: torch.Tensor, generator: torch.Generator | None) -> tuple[torch.Tensor, dict]:
         """L_V over shot embeddings ``e (B, K, D)`` in temporal order."""
@@ -347,6 +368,26 @@ class VIVI(Objective):
         logs = contrastive_logs(loss, n, scores, target, valid)
         return loss, {"loss": logs["loss"], "sep_top1": logs["top1"], "num_candidates": logs["num_candidates"]}
 
+    def _batch_shot_ids(self, batch: dict[str, Any], ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Shot and video labels ``(B*K*L,)`` of every frame of the batch from the item-local shot ids ``(B, K*L)``.
+
+        With the data layer's ``video_index (B,)`` and ``shots (B, K, 2)`` a shot is identified by its source video
+        and first frame, so two items of one video in a batch (``clips_per_video > 1``) that drew the same shot give
+        its frames one label (positives, not negatives of each other) and share a video label. Without them, every
+        item is its own video.
+        """
+        b, t = ids.shape
+        vids, ranges = batch.get("video_index"), batch.get("shots")
+        if vids is None or ranges is None:
+            vids = torch.arange(b, device=ids.device)  # (B,)
+            key = ids + self.num_shots * vids[:, None]  # (B, K*L)
+        else:
+            vids = torch.as_tensor(vids, device=ids.device).long()  # (B,)
+            starts = torch.gather(ranges.to(ids.device)[..., 0].long(), 1, ids)  # (B, K*L) first frame of the shot
+            key = vids[:, None] * (int(starts.max()) + 1) + starts  # (B, K*L) unique per (video, shot)
+        shot_ids = torch.unique(rearrange(key, "b t -> (b t)"), return_inverse=True)[1]  # (B*K*L,)
+        return shot_ids, einops.repeat(vids, "b -> (b t)", t=t)
+
     # ------------------------------------------------------------------------------------------------ forward
 
     def forward(self, batch: dict[str, Any], generator: torch.Generator | None = None):
@@ -370,10 +411,9 @@ class VIVI(Objective):
         if ids is None:
             ids = einops.repeat(torch.arange(self.num_shots, device=video.device), "k -> b (k l)", b=b,
                                 l=self.frames_per_shot)  # (B, K*L)
-        ids = ids.to(video.device)  # (B, K*L) shot of every frame within its video
-        shot_ids = rearrange(ids + self.num_shots * torch.arange(b, device=video.device)[:, None],
-                             "b t -> (b t)")  # (B*K*L,) unique per (video, shot)
-        loss_s, s_logs = self._shot_level(h, shot_ids, rot)
+        ids = ids.to(video.device)  # (B, K*L) shot of every frame within its item
+        shot_ids, video_ids = self._batch_shot_ids(batch, ids)  # (B*K*L,) each
+        loss_s, s_logs = self._shot_level(h, shot_ids, rot, video_ids)
         logs = {f"shot/{k}": v for k, v in s_logs.items()}
         total = loss_s
         if self.video_loss != "none":
