@@ -105,11 +105,14 @@ def test_per_frame_jitter_draws_flip_and_jitter_per_frame_and_both_paths_agree()
 
 # --------------------------------------------------------------------------------------------------------- L_S
 
-def _triplet_loop(x, y, margin, metric):
+def _triplet_loop(x, y, margin, metric, soft=False, ignore=None):
+    """Batch-hard triplet by loops; ``ignore[a][j]`` true: ``j`` is neither a positive nor a negative of ``a``;
+    ``soft``: ``softplus(d_p - d_n)`` instead of the hinge."""
     total, count = 0.0, 0
     for a in range(len(x)):
-        pos = [j for j in range(len(x)) if j != a and y[j] == y[a]]
-        neg = [j for j in range(len(x)) if y[j] != y[a]]
+        keep = [j for j in range(len(x)) if ignore is None or not bool(ignore[a][j])]
+        pos = [j for j in keep if j != a and y[j] == y[a]]
+        neg = [j for j in keep if y[j] != y[a]]
         if not pos or not neg:
             continue
 
@@ -118,7 +121,8 @@ def _triplet_loop(x, y, margin, metric):
                 return 1 - float(torch.nn.functional.cosine_similarity(x[i], x[j], dim=0))
             sq = float(((x[i] - x[j]) ** 2).sum())
             return sq if metric == "sqeuclidean" else math.sqrt(sq)
-        total += max(0.0, margin + max(d(a, p) for p in pos) - min(d(a, n) for n in neg))
+        gap = max(d(a, p) for p in pos) - min(d(a, n) for n in neg)
+        total += math.log1p(math.exp(gap)) if soft else max(0.0, margin + gap)
         count += 1
     return total / max(count, 1)
 
@@ -357,3 +361,187 @@ def test_recipes_resolve_and_the_data_contract_is_checked(tmp_path):
         resolve_run_config(REPO / "configs" / "vivi_sample.yaml", ["data.num_shots=1"])
     with pytest.raises(ConfigError, match="margin"):
         resolve_run_config(REPO / "configs" / "vivi_sample.yaml", ["objectives=[{name: vivi, margin: -1}]"])
+
+
+# ---------------------------------------------------------------------- L_S: ignore mask, shot labels, negatives
+
+@pytest.mark.parametrize("soft", [False, True])
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+def test_batch_hard_triplet_with_an_ignore_mask_matches_a_loop(metric, soft):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(12, 5, generator=g, dtype=torch.float64)
+    y = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 3, 3, 4, 4])
+    ignore = torch.rand(12, 12, generator=g) < 0.3
+    ignore[10] = True  # anchor 10 (label 4): its positive 11 kept, every negative ignored -> left out of the mean
+    ignore[10, 11] = False
+    loss, m = batch_hard_triplet(x, y, margin=0.7, metric=metric, soft=soft, ignore=ignore)
+    ref = _triplet_loop(x, y, 0.7, metric, soft=soft, ignore=ignore)
+    assert loss.item() == pytest.approx(ref, rel=1e-5, abs=1e-6)
+    assert abs(ref - _triplet_loop(x, y, 0.7, metric, soft=soft)) > 1e-3  # the mask changes the loss
+    keep = [[not bool(ignore[a, j]) for j in range(12)] for a in range(12)]
+    valid = [any(keep[a][j] and j != a and y[j] == y[a] for j in range(12))
+             and any(keep[a][j] and y[j] != y[a] for j in range(12)) for a in range(12)]
+    assert m.valid.tolist() == valid and not valid[10] and sum(valid) >= 6
+    rows = torch.nonzero(m.valid).flatten()
+    assert not ignore[rows, m.pos_index[rows]].any() and not ignore[rows, m.neg_index[rows]].any()
+
+
+def test_batch_hard_triplet_ignore_is_checked_and_the_logs_honour_it():
+    x, y = torch.randn(4, 3), torch.tensor([0, 0, 1, 1])
+    for bad in (torch.zeros(3, 4, dtype=torch.bool), torch.zeros(4, 4), torch.zeros(4, 4, dtype=torch.uint8)):
+        with pytest.raises(ValueError, match="ignore"):
+            batch_hard_triplet(x, y, ignore=bad)
+    # points on a line: shot 0 at 0 and 1, shot 1 at 1.3 and 10; d_p - d_n per anchor = -0.3, 0.7, 8.4, -0.3;
+    # ignoring the pair (1, 2): -0.3, -8, 7.4, -0.3
+    x = torch.tensor([[0.0], [1.0], [1.3], [10.0]])
+    ignore = torch.zeros(4, 4, dtype=torch.bool)
+    ignore[1, 2] = ignore[2, 1] = True
+    expected = {  # (soft, ignore?) -> (active, top1): soft counts d_p > d_n, the hinge d_p + 0.5 > d_n
+        (False, False): (1.0, 0.5), (True, False): (0.5, 0.5), (False, True): (0.75, 0.75), (True, True): (0.25, 0.75)}
+    for (soft, masked), (active, top1) in expected.items():
+        loss, logs = BatchHardTripletLoss(0.5, "euclidean", soft=soft)(x, y, ignore if masked else None)
+        assert logs["active"] == pytest.approx(active) and logs["top1"] == pytest.approx(top1), (soft, masked)
+        assert loss.item() == pytest.approx(_triplet_loop(x, y, 0.5, "euclidean", soft=soft,
+                                                          ignore=ignore if masked else None), rel=1e-5)
+
+
+# a batch of 3 items of K=2 shots of L=2 frames; items 0 and 2 are clips of one video (index 5) that both drew the
+# shot starting at frame 8
+_DUP_VIDEOS = [5, 7, 5]
+_DUP_SHOTS = [[[0, 8], [8, 16]], [[0, 8], [8, 16]], [[8, 16], [16, 24]]]
+_DUP_KEYS = [(v, rng[k][0]) for v, rng in zip(_DUP_VIDEOS, _DUP_SHOTS) for k in (0, 0, 1, 1)]  # per frame
+
+
+def _dup_batch() -> dict:
+    return {"video_index": torch.tensor(_DUP_VIDEOS), "shots": torch.tensor(_DUP_SHOTS),
+            "shot_ids": torch.tensor([[0, 0, 1, 1]] * 3)}
+
+
+def _partition(labels) -> list[list[bool]]:
+    labels = list(labels)
+    return [[a == b for b in labels] for a in labels]
+
+
+def test_batch_shot_ids_give_a_shot_drawn_twice_one_label():
+    m = VIVI(TinyEncoder(), num_shots=2, frames_per_shot=2, shot_loss="infonce", video_loss="none")
+    batch = _dup_batch()
+    shot, video = m._batch_shot_ids(batch, batch["shot_ids"])
+    assert shot.shape == video.shape == (12,)
+    assert shot[2] == shot[3] == shot[8] == shot[9] and video[2] == video[8]  # item 0 shot 1 = item 2 shot 0
+    assert shot[0] != shot[4] and video[0] != video[4]  # same first frame, another video
+    assert _partition(shot.tolist()) == _partition(_DUP_KEYS) and len(set(shot.tolist())) == 5
+    assert _partition(video.tolist()) == _partition(k[0] for k in _DUP_KEYS)
+    # without video_index (or shots): every item is its own video, a shot is (item, local id) -- as before
+    items = [(b, k) for b in range(3) for k in (0, 0, 1, 1)]
+    for partial in ({}, {"shots": batch["shots"]}, {"video_index": batch["video_index"]}):
+        shot, video = m._batch_shot_ids(partial, batch["shot_ids"])
+        assert _partition(shot.tolist()) == _partition(items) and shot[2] != shot[8]
+        assert _partition(video.tolist()) == _partition(b for b, _ in items)
+
+
+def test_other_videos_infonce_drops_same_video_other_shots_from_the_candidates(one_thread):
+    torch.manual_seed(0)
+    kw = dict(num_shots=2, frames_per_shot=2, shot_loss="infonce", video_loss="none", temperature=0.2,
+              proj_dim=8, proj_hidden=16)
+    m = VIVI(TinyEncoder(), shot_negatives="other_videos", **kw).eval()
+    m_all = VIVI(TinyEncoder(), shot_negatives="all", **kw).eval()
+    m_all.load_state_dict(m.state_dict())
+    video = torch.randn(3, 4, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    batch = {"video": video, **_dup_batch()}
+    loss, logs = m(batch)
+    loss_all, _ = m_all(batch)
+    with torch.no_grad():
+        z = torch.nn.functional.normalize(m.proj(m.frame_features(video.flatten(0, 1))), dim=-1).double()
+    s = z @ z.T / 0.2
+    refs = {}
+    for mode in ("other_videos", "all"):
+        ref = 0.0
+        for i, ki in enumerate(_DUP_KEYS):
+            cand = [j for j, kj in enumerate(_DUP_KEYS) if j != i and not (
+                mode == "other_videos" and kj[0] == ki[0] and kj != ki)]
+            pos = [j for j in cand if _DUP_KEYS[j] == ki]
+            ref += -math.log(sum(math.exp(s[i, j]) for j in pos) / sum(math.exp(s[i, j]) for j in cand))
+        refs[mode] = ref / 12
+    assert loss.item() == pytest.approx(refs["other_videos"], rel=1e-5)
+    assert loss_all.item() == pytest.approx(refs["all"], rel=1e-5)
+    assert abs(refs["all"] - refs["other_videos"]) > 1e-3
+    # candidates per row: 5 (video 5, shots at 0 and 16), 7 (video 5, shot at 8), 9 (video 7): the geometric mean
+    assert logs["shot/num_candidates"] == pytest.approx((5 ** 4 * 7 ** 4 * 9 ** 4) ** (1 / 12), rel=1e-4)
+
+
+def _spy_triplet(m: VIVI) -> dict:
+    """Records what ``m`` hands its triplet loss (embeddings, labels, ignore)."""
+    seen, forward = {}, m.triplet.forward
+
+    def spy(embeddings, labels, ignore=None):
+        seen.update(embeddings=embeddings.detach(), labels=labels, ignore=ignore)
+        return forward(embeddings, labels, ignore)
+    m.triplet.forward = spy
+    return seen
+
+
+@pytest.mark.parametrize("mode", ["all", "other_videos"])
+def test_triplet_hardest_negative_with_and_without_same_video_shots(mode):
+    # unit vectors at these angles (degrees); video 0 = shots 0 and 1, video 1 = shots 2 and 3: the nearest other
+    # shot of every video-0 frame is the other shot of video 0
+    deg = torch.tensor([0.0, 10, 20, 30, 120, 130, 240, 250]) * math.pi / 180
+    h = torch.stack([deg.cos(), deg.sin(), torch.zeros(8)], dim=1)  # (8, 3)
+    shot_ids = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    video_ids = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
+    m = VIVI(TinyEncoder(), num_shots=2, frames_per_shot=2, shot_loss="triplet", video_loss="none", margin=0.3,
+             shot_negatives=mode)
+    m.proj = torch.nn.Identity()  # embeddings = the unit vectors themselves
+    seen = _spy_triplet(m)
+    loss, _ = m._shot_level(h, shot_ids, None, video_ids)
+    _, mining = batch_hard_triplet(seen["embeddings"], seen["labels"], margin=0.3, ignore=seen["ignore"])
+    assert mining.valid.all()
+    if mode == "all":
+        assert seen["ignore"] is None or not seen["ignore"].any()
+        assert mining.neg_index.tolist() == [2, 2, 1, 1, 3, 3, 5, 0]  # nearest angle of another shot
+        assert (video_ids[mining.neg_index[:4]] == 0).all()  # same-video other shots mined
+        ref = _triplet_loop(h, shot_ids.tolist(), 0.3, "euclidean")
+    else:
+        assert mining.neg_index.tolist() == [7, 4, 4, 4, 3, 3, 0, 0]  # nearest angle of the other video
+        assert (video_ids[mining.neg_index] != video_ids).all()
+        ignore = [[bool(video_ids[a] == video_ids[j] and shot_ids[a] != shot_ids[j]) for j in range(8)]
+                  for a in range(8)]
+        ref = _triplet_loop(h, shot_ids.tolist(), 0.3, "euclidean", ignore=ignore)
+    assert loss.item() == pytest.approx(ref, rel=1e-5)
+
+
+def test_shot_negatives_and_soft_margin_validate_and_resolve_from_the_config():
+    from vidssl.config import from_dict
+    from vidssl.engine import resolve_run_config
+    from vidssl.models.objective import BuildContext
+    from vidssl.models.vivi import VIVIParams
+
+    with pytest.raises(ValueError, match="shot_negatives"):
+        VIVI(TinyEncoder(), num_shots=2, frames_per_shot=2, shot_negatives="same_video")
+    recipe = REPO / "configs" / "vivi_sample.yaml"
+    with pytest.raises(ConfigError, match="shot_negatives"):
+        resolve_run_config(recipe, ["objectives=[{name: vivi, shot_negatives: nope}]"])
+    cfg = resolve_run_config(recipe, ["objectives=[{name: vivi, shot_negatives: other_videos, soft_margin: true, "
+                                      "proj_hidden: 16, proj_dim: 8, hidden: 16, shot_dim: 8}]"])
+    params = from_dict(VIVIParams, cfg.objectives[0].params, prefix="objectives.0")
+    assert params.shot_negatives == "other_videos" and params.soft_margin is True
+    m = VIVI.from_params(TinyEncoder(), params, BuildContext(data=cfg.data))
+    assert m.shot_negatives == "other_videos" and m.triplet.soft
+    default = VIVI.from_params(TinyEncoder(), from_dict(VIVIParams, {}, prefix="o"), BuildContext(data=cfg.data))
+    assert default.shot_negatives == "all" and not default.triplet.soft
+
+
+def test_soft_margin_other_videos_step_trains_the_encoder(one_thread):
+    torch.manual_seed(0)
+    m = VIVI(TinyEncoder(), num_shots=2, frames_per_shot=2, shot_loss="triplet", video_loss="none",
+             soft_margin=True, shot_negatives="other_videos", proj_dim=8, proj_hidden=16)
+    before = [p.detach().clone() for p in m.encoder.parameters()]
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    video = torch.randn(3, 4, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    loss, logs = m({"video": video, **_dup_batch()})
+    assert math.isfinite(loss.item()) and loss.item() > 0 and logs["shot/loss"] == pytest.approx(loss.item())
+    opt.zero_grad()
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in m.encoder.parameters() if p.grad is not None)
+    opt.step()
+    changed = [not torch.equal(b, p) for b, p in zip(before, m.encoder.parameters())]
+    assert changed[0] and sum(changed) >= len(changed) // 2
