@@ -7,7 +7,9 @@ quantity of the objectives' ``forward`` over ``--batches`` batches in eval mode 
 nothing updated: no queue/bank writes, no momentum step). The baseline is the same run config built from scratch
 with the trainer's seed scheme (``torch.manual_seed(train.seed)`` before building, as
 :func:`vidssl.engine.train` does), evaluated on the very same batches with the same objective generator seed, so
-both see identical clips and identical in-objective augmentations.
+both see identical clips and identical in-objective augmentations. Schedule counters (every buffer named ``step``,
+e.g. the curriculum position of DPC or CorrFlow's schedule) are copied from the trained model into the random init
+first (:func:`align_schedules`), so a curriculum scores both in the same stage with the same number of candidates.
 
 Generic: any registered objective whose ``forward`` logs ``mi_bound_nats`` / ``top1`` (instance discrimination,
 CPC, DPC, VIVI's InfoNCE ...) gets them compared; every other logged key is averaged too. Other streams the run
@@ -21,7 +23,7 @@ Example (held-out DAVIS sequences; prints and writes JSON)::
     python tools/heldout_objective.py --checkpoint runs/moco_sample \\
         --set data.sequences=[dog-agility,rollerblade,motorbike,surf] --batches 20 --out runs/moco_sample/heldout.json
 
-Output: ``{"checkpoint", "step", "batches", "batch_size", "seed", "data", "trained": {key: mean},
+Output: ``{"checkpoint", "step", "batches", "batch_size", "seed", "schedules_aligned", "data", "trained": {key: mean},
 "random_init": {key: mean}}``, keys as the training log writes them (``<objective>/mi_bound_nats``, ...).
 """
 
@@ -64,6 +66,23 @@ def heldout_batches(cfg, *, num_batches: int, batch_size: int, seed: int) -> lis
 
 
 @torch.no_grad()
+def align_schedules(trained: torch.nn.Module, random_init: torch.nn.Module) -> list[str]:
+    """Copy every buffer named ``step`` (a schedule / curriculum counter) of ``trained`` into ``random_init``'s buffer
+    of the same name; returns the names copied. Both models must come from the same run config."""
+    theirs = dict(random_init.named_buffers())
+    copied = []
+    for name, buf in trained.named_buffers():
+        if name.rsplit(".", 1)[-1] != "step":
+            continue
+        if name not in theirs or theirs[name].shape != buf.shape:
+            raise ValueError(f"random init has no schedule buffer {name!r} of shape {tuple(buf.shape)}: the two "
+                             "models do not come from one run config")
+        theirs[name].copy_(buf)
+        copied.append(name)
+    return copied
+
+
+@torch.no_grad()
 def mean_logs(model: torch.nn.Module, batches: list[dict[str, Any]], *, seed: int) -> dict[str, float]:
     """Eval-mode forward of ``model`` on each batch (one objective generator seeded with ``seed``); mean of each
     logged value (keys missing in some batches are averaged over the batches that have them)."""
@@ -92,9 +111,11 @@ def evaluate(checkpoint: str | Path, overrides: list[str], *, num_batches: int =
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.train.seed)  # the trainer's initialisation of the same run config
         random_init = build_training_model(cfg)
+    aligned = align_schedules(trained, random_init)
     obj_seed = seed * 1_000_003  # the trainer's objective-generator scheme (rank 0)
     return {"checkpoint": str(ckpt), "step": step, "batches": num_batches, "batch_size": bs, "seed": seed,
-            "data": to_dict(heldout.data), "trained": mean_logs(trained, batches, seed=obj_seed),
+            "schedules_aligned": aligned, "data": to_dict(heldout.data),
+            "trained": mean_logs(trained, batches, seed=obj_seed),
             "random_init": mean_logs(random_init, batches, seed=obj_seed)}
 
 
