@@ -285,6 +285,37 @@ def test_clip_features_encode_each_frame_once_in_bounded_batches(monkeypatch):
     assert torch.equal(seq, one_by_one) and seq.shape == (27, 2, 3)
 
 
+def test_batch_statistics_encoders_get_batches_mixed_across_videos(monkeypatch):
+    class BatchStatBN(torch.nn.Module):  # DPC's 2d3d ResNet style: no running statistics
+        def __init__(self):
+            super().__init__()
+            self.bn = torch.nn.BatchNorm2d(3, track_running_stats=False, affine=False)
+
+        def forward(self, x):  # b 3 h w
+            return self.bn(x)
+
+    def read(path, idx):
+        return torch.stack([torch.full((3, 8, 8), 10 * int(path) + i, dtype=torch.uint8) for i in idx])
+
+    monkeypatch.setattr(probe, "read_item_frames", read)
+    items = [labelled.ProbeItem(str(p), (i,), p, str(p), "train") for p in range(3) for i in range(8)]
+    assert probe.batch_statistics_layers(BatchStatBN()) == 1
+    assert probe.batch_statistics_layers(torch.nn.BatchNorm2d(3)) == 0
+    ff = probe.FrameFeatures(BatchStatBN(), None, size=8)
+    keys = [k for k, _ in probe._frame_batches(items, ff, 8, mixed=True)]
+    # every batch of 8 draws from more than one video (file by file, the first batch would be video 0 alone)
+    assert all(len({p for p, _ in batch}) > 1 for batch in keys)
+    assert sorted(k for batch in keys for k in batch) == sorted((str(p), i) for p in range(3) for i in range(8))
+    plain = [k for k, _ in probe._frame_batches(items, ff, 8)]
+    assert [{p for p, _ in batch} for batch in plain] == [{"0"}, {"1"}, {"2"}]
+    # clip_features mixes on its own for such an encoder, and each frame's feature is the one of its mixed batch
+    seq = probe.clip_features(items, ff, batch_size=8)  # n 1 c
+    rows = {}
+    for batch, x in probe._frame_batches(items, ff, 8, mixed=True):
+        rows.update(zip(batch, ff.encode(x)))
+    torch.testing.assert_close(seq[:, 0], torch.stack([rows[(it.path, it.frames[0])] for it in items]))
+
+
 def test_recalibrate_batchnorm_uses_the_frames_and_restores_eval_mode(monkeypatch):
     class BN(torch.nn.Module):
         def __init__(self):

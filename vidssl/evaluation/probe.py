@@ -35,7 +35,7 @@ import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
 import torch
 import torch.nn as nn
@@ -60,6 +60,7 @@ __all__ = [
     "ProbeMonitor",
     "arrow_folds",
     "arrow_of_time_probe",
+    "batch_statistics_layers",
     "clip_features",
     "default_protocols",
     "eval_mode",
@@ -392,18 +393,31 @@ class FrameFeatures:
                 f"{norm}; no augmentation; global average pool of {self.layer or 'the final output'}")
 
 
-def _frame_batches(items: Sequence[ProbeItem], features: FrameFeatures, batch_size: int
+def batch_statistics_layers(encoder: nn.Module) -> int:
+    """BatchNorm layers of ``encoder`` without running statistics (DPC's 2d3d ResNet): they normalise with the
+    statistics of the batch at evaluation too, so a frame's features depend on the batch it is encoded in."""
+    return sum(isinstance(m, nn.modules.batchnorm._BatchNorm) and not m.track_running_stats
+               for m in encoder.modules())
+
+
+def _frame_batches(items: Sequence[ProbeItem], features: FrameFeatures, batch_size: int, *, mixed: bool = False
                    ) -> Iterator[tuple[list[tuple[str, int]], torch.Tensor]]:
     """``(keys, preprocessed frames (b, 3, s, s))`` with ``b <= batch_size``: each distinct ``(path, frame)`` of
-    ``items`` once, read file by file."""
+    ``items`` once, read file by file; ``mixed``: in an order drawn at random (seed 0) across all videos, so
+    batch-statistics normalisation sees a batch like a training batch, not the frames of one video."""
     if batch_size < 1:
         raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
     unique: dict[str, dict[int, None]] = {}
     for it in items:
         unique.setdefault(it.path, {}).update(dict.fromkeys(it.frames))
+    groups: Iterable[tuple[str, list[int]]] = ((p, sorted(f)) for p, f in unique.items())
+    if mixed:  # one frame per group, in a seeded random order
+        flat = [(p, f) for p, fs in unique.items() for f in sorted(fs)]
+        order = torch.randperm(len(flat), generator=torch.Generator().manual_seed(0)).tolist()
+        groups = ((flat[i][0], [flat[i][1]]) for i in order)
     keys: list[tuple[str, int]] = []
     pending: list[torch.Tensor] = []
-    for path, frames in ((p, sorted(f)) for p, f in unique.items()):
+    for path, frames in groups:
         start = 0
         while start < len(frames):  # every batch holds at most batch_size frames
             idx = frames[start:start + batch_size - len(keys)]
@@ -420,7 +434,8 @@ def _frame_batches(items: Sequence[ProbeItem], features: FrameFeatures, batch_si
 def clip_features(items: Sequence[ProbeItem], features: FrameFeatures, *, batch_size: int = 32,
                   progress: bool = False) -> torch.Tensor:
     """Per-frame features of every clip, ``(N, T, C)`` on the CPU. Each distinct frame is encoded once, in batches
-    of at most ``batch_size`` frames read file by file."""
+    of at most ``batch_size`` frames read file by file (frames of all videos mixed at random when the encoder
+    normalises with batch statistics, :func:`batch_statistics_layers`)."""
     from tqdm import tqdm
 
     lens = {len(it.frames) for it in items}
@@ -429,7 +444,8 @@ def clip_features(items: Sequence[ProbeItem], features: FrameFeatures, *, batch_
     total = len({(it.path, f) for it in items for f in it.frames})
     rows: dict[tuple[str, int], torch.Tensor] = {}
     with tqdm(total=total, desc="features", unit="frame", disable=not progress, leave=False) as bar:
-        for keys, x in _frame_batches(items, features, batch_size):
+        mixed = batch_statistics_layers(features.encoder) > 0
+        for keys, x in _frame_batches(items, features, batch_size, mixed=mixed):
             rows.update(zip(keys, features.encode(x).cpu()))  # b c
             bar.update(len(keys))
     return _stack_clips(items, rows)  # n t c
@@ -709,7 +725,8 @@ def run_probe(data: ProbeSet, out_dir: str | Path | None = None, *, checkpoint: 
         results = evaluate_features(seq, data, protocols=protocols, l2_grid=l2_grid, knn_ks=knn_ks,
                                     retrieval_ks=retrieval_ks)
         results["timings_s"]["features"] = t_feat
-        encoders.append({"role": role, **desc, "feature_dim": int(seq.shape[-1]),
+        encoders.append({"role": role, **desc, "batch_statistics_layers": batch_statistics_layers(enc),
+                         "feature_dim": int(seq.shape[-1]),
                          "arrow_dim": int(seq.shape[1] * seq.shape[2]), "results": results,
                          "headline": headline(results)})
         if device.startswith("cuda"):
@@ -734,7 +751,10 @@ def run_probe(data: ProbeSet, out_dir: str | Path | None = None, *, checkpoint: 
                     "input": ff.describe(),
                     "bn_stats": ("BatchNorm running statistics recomputed on the train-split frames (cumulative "
                                  "average over the batches) for every encoder" if bn_stats == "train" else
-                                 "BatchNorm running statistics as stored (a random init: mean 0, variance 1)"),
+                                 "BatchNorm running statistics as stored (a random init: mean 0, variance 1)")
+                    + "; layers without running statistics (batch_statistics_layers > 0) normalise with each "
+                      "batch's statistics, and their frames are then encoded in batches mixed at random across "
+                      "all videos (seed 0)",
                     "clip_feature": "mean over the clip's frames of the per-frame pooled features",
                     "arrow_feature": "per-frame pooled features concatenated over the clip frames in time order"},
         "data": {"mode": data.mode, "root": data.root, "protocol": data.protocol, "classes": data.classes,
@@ -861,10 +881,10 @@ class ProbeMonitor:
         except ValueError as exc:
             raise ConfigError(f"{exc}; the default is model.eval_layer") from exc
 
-    def _batches(self) -> list[tuple[list[tuple[str, int]], torch.Tensor]] | Iterator:
+    def _batches(self, mixed: bool = False) -> list[tuple[list[tuple[str, int]], torch.Tensor]] | Iterator:
         if self._inputs is not None:
             return self._inputs
-        batches = _frame_batches(self.data.items, self._prep, self.batch_size)  # read + preprocess on the CPU
+        batches = _frame_batches(self.data.items, self._prep, self.batch_size, mixed=mixed)  # read + preprocess
         if not self.cache:
             return batches
         self._inputs = list(batches)
@@ -876,7 +896,7 @@ class ProbeMonitor:
         ff = FrameFeatures(encoder, self.layer, colour=self._prep.colour, mean=self._prep.mean, std=self._prep.std,
                            size=self._prep.size, device=str(device))
         rows: dict[tuple[str, int], torch.Tensor] = {}
-        for keys, x in self._batches():  # x: b 3 s s
+        for keys, x in self._batches(mixed=batch_statistics_layers(encoder) > 0):  # x: b 3 s s
             rows.update(zip(keys, ff.encode(x.to(device)).cpu()))  # b c
         return _stack_clips(self.data.items, rows)  # n t c
 
