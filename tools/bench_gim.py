@@ -17,7 +17,7 @@ the parent by counting the bytes autograd saves per module in one joint step.
 
 Usage (one CPU slot, one thread per configuration; pipelined uses ``--workers`` threads)::
 
-    /work/heavy python tools/bench_gim.py --encoder gim_resnet34 --batch 8 --crop 64 --out runs/bench_gim.json
+    python tools/bench_gim.py --encoder gim_resnet34 --batch 8 --crop 64 --out runs/bench_gim.json
 
 Memory is also counted in tensor bytes (``tensors``): a separate child runs the warm-up steps under the profiler,
 whose count of CPU allocator calls gives the most tensor memory alive at once, net of what existed before (optimiser
@@ -26,7 +26,7 @@ module's share is measured in the parent: the distinct storages autograd saves p
 its parameter bytes (gradient and Adam's two moments).
 
 Measured at 1d4d757 (this 2-core CPU under load from other jobs, one thread per configuration, 2 warm-up + 1 timed
-step; ``/work/heavy python tools/bench_gim.py --encoder gim_resnet34 --batch 8 --crop 64 --pred-steps 5``), training
+step; ``python tools/bench_gim.py --encoder gim_resnet34 --batch 8 --crop 64 --pred-steps 5``), training
 memory relative to end-to-end CPC (resident 600 MiB, tensors 427 MiB): sequential 0.57 / 0.43 / 0.47 resident and
 0.47 / 0.34 / 0.37 in tensors for modules 0 / 1 / 2, so end-to-end / sequential = **2.14x in tensors (goal 2x met),
 1.74x resident (not met; a repeat at 1f3d3d7, same code: tensors identical, 1.72x resident)**; sequential / (largest

@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """Shot-boundary benchmark: precision/recall of the cuts and detector throughput, vidssl vs PySceneDetect.
 
-    /work/heavy python tools/bench_shots.py --out shots_bench.json      # ~6 min on one core (videos written)
-    /work/heavy python tools/bench_shots.py --workdir DIR ...            # keeps (and reuses) the videos in DIR
-    /work/heavy python tools/bench_shots.py --no-pyscenedetect --grid size=32,64 --grid k=2,3   # tuning
+    python tools/bench_shots.py --out shots_bench.json      # ~6 min on one core (videos written)
+    python tools/bench_shots.py --workdir DIR ...            # keeps (and reuses) the videos in DIR
+    python tools/bench_shots.py --no-pyscenedetect --grid size=32,64 --grid k=2,3   # tuning
 
 Datasets (all videos written to a temporary folder, never into the repository):
 
