@@ -3,15 +3,13 @@ tensors autograd saves), pipelined convergence, resume in every mode, the checkp
 the image-mode CPC loss against a loop reference."""
 
 import contextlib
-import functools
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
 
+from tool_module import load_tool
 from vidssl.config import ConfigError
 from vidssl.engine import (build_training_model, encoder_from_checkpoint, model_from_checkpoint, resolve_run_config,
                            train)
@@ -228,14 +226,9 @@ def test_memory_savings_keep_the_plain_computations_losses_and_gradients(arch, o
         torch.testing.assert_close(g, r, rtol=1e-6, atol=1e-6 * float(r.abs().max()) + 1e-15)
 
 
-@functools.lru_cache(maxsize=1)
 def _bench_gim():
     """tools/bench_gim.py as a module (loaded once: the measured-peak test later patches torch.no_grad)."""
-    path = Path(__file__).resolve().parents[1] / "tools" / "bench_gim.py"
-    spec = importlib.util.spec_from_file_location("bench_gim", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("bench_gim")
 
 
 def _tensor_peak(fn):

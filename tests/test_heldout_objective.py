@@ -2,22 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn as nn
 
+from tool_module import load_tool
 from vidssl.engine import build_training_model, model_from_checkpoint, train
 
 
 def _tool():
-    path = Path(__file__).resolve().parents[1] / "tools" / "heldout_objective.py"
-    spec = importlib.util.spec_from_file_location("heldout_objective", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("heldout_objective")
 
 
 class _Counter(nn.Module):

@@ -1,25 +1,19 @@
 """tools/make_shot_manifest.py: DAVIS pseudo-shot segments from a first-segment offset, --offsets entries."""
 
-import functools
-import importlib.util
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from tool_module import load_tool
 from vidssl.data.manifest import load_manifest
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
-@functools.lru_cache(maxsize=1)
 def _tool():
     """tools/make_shot_manifest.py as a module."""
-    spec = importlib.util.spec_from_file_location("make_shot_manifest", ROOT / "tools" / "make_shot_manifest.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("make_shot_manifest")
 
 
 def _davis(root: Path, name: str, n: int) -> Path:
