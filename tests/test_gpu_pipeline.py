@@ -4,6 +4,7 @@ clear errors of the GPU decoding backends when something is missing. The GPU che
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import sys
 import threading
 import time
@@ -149,6 +150,18 @@ def test_batches_equal_the_per_item_path(videos, sessions, group_size, prefetch)
         assert torch.equal(a["frames"], b["frames"]) and torch.equal(a["video_index"], b["video_index"])
         assert a["video"].shape == (4, 4, 3, 16, 16) and a["video"].dtype == torch.float32
         assert torch.allclose(a["video"], b["video"], atol=1e-5), (a["video"] - b["video"]).abs().max()
+
+
+def test_shot_batches_carry_the_per_item_shot_fields(videos):
+    """VIVI labels shots by (video, first frame): the pipeline's batches carry the CPU items' shot_ids and shots."""
+    shot_entries = [dataclasses.replace(e, shots=[(0, 6), (6, 12), (12, e.num_frames)]) for e in videos]
+    ds = dataset(shot_entries, sampler="shots", num_shots=2, clip_len=2, stride=1)
+    got = list(pipeline(ds, sessions=2).iterate(BATCHES))
+    for batch, ids in zip(got, BATCHES):
+        items = [dataset(shot_entries, sampler="shots", num_shots=2, clip_len=2, stride=1)[i] for i in ids]
+        assert torch.equal(batch["shot_ids"], torch.stack([it["shot_ids"] for it in items]))  # (B, K*L)
+        assert torch.equal(batch["shots"], torch.stack([it["shots"] for it in items]))  # (B, K, 2)
+        assert batch["shots"].shape == (4, 2, 2) and set(batch["shot_ids"].unique().tolist()) == {0, 1}
 
 
 def test_frames_are_the_sampled_frames(videos):

@@ -53,3 +53,11 @@ def test_offsets_write_one_entry_per_offset(tmp_path, capsys):
                           "--offsets", bad])
         assert exc.value.code == 2 and "--offsets" in capsys.readouterr().err, bad
     assert not (tmp_path / "bad.jsonl").exists()
+
+
+def test_an_offset_with_no_whole_segment_is_left_out(tmp_path, capsys):
+    root = _davis(tmp_path / "davis", "seqA", 20)
+    out = tmp_path / "shots.jsonl"
+    assert _tool().main(["--out", str(out), "--davis-root", str(root), "--segment", "16", "--offsets", "0,5"]) == 0
+    assert [(e.name, [tuple(s) for s in e.shots]) for e in load_manifest(out)] == [("seqA@0", [(0, 16)])]
+    assert "seqA@5: no whole segment of 16 frames from frame 5; left out" in capsys.readouterr().err

@@ -4,7 +4,9 @@ shot-structured training on small real data:
 * DAVIS frame folders (``--davis-root`` + ``--sequences``) have no cuts; each sequence is cut into consecutive
   segments of ``--segment`` frames that stand in for shots (a tail shorter than a segment is dropped);
   ``--offsets 0,2,4,6`` writes one entry per offset (``name@offset``), its first segment starting there, so a
-  short held-out set gives more distinct shot sequences (the entries of one sequence overlap in frames);
+  short held-out set gives more distinct shot order sequences. The entries of one sequence overlap in frames but are
+  separate videos to the data layer: do not use them where other videos' shots are negatives (VIVI's L_S with
+  ``shot_negatives: other_videos``), and an offset leaving no whole segment is left out with a message;
 * encoded videos with known cuts (``--video PATH:CUT,CUT,...``, the frame indices where a new shot starts), e.g.
   ``../shared/data/videos/bikes.mp4`` with its hard cuts at frames 30, 76, 137, 187 and 242 (6 shots).
 
@@ -85,7 +87,12 @@ def main(argv: list[str] | None = None) -> int:
                 ap.error(f"--sequences: {name} is not a folder of {frames_dir}")
             for off in offsets:
                 label = name if offsets == [0] else f"{name}@{off}"
-                entries.append(entry(label, path, lambda n, o=off: segment_shots(n, args.segment, o)))
+                e = entry(label, path, lambda n, o=off: segment_shots(n, args.segment, o))
+                if not e.shots:  # an empty list would read as one whole-sequence shot
+                    print(f"{label}: no whole segment of {args.segment} frames from frame {off}; left out",
+                          file=sys.stderr)
+                    continue
+                entries.append(e)
     for spec in args.video:
         path_s, sep, cuts_s = spec.rpartition(":")
         if not sep or not path_s:

@@ -372,8 +372,12 @@ class ClipDataset(Dataset):
         item = {"video": video, "index": index, "frames": torch.tensor(clip.indices, dtype=torch.int64),
                 "skipped": clip.skipped, "video_index": clip.video}
         if self.sampler == "shots":
-            ids, ranges = self.shot_ids(self.entries[clip.video], clip.indices)
-            ranges += [ranges[-1]] * (self.num_shots - len(ranges))  # repeat policy: the last shot repeated
-            item["shot_ids"] = torch.tensor(ids, dtype=torch.int64)  # (K*L,)
-            item["shots"] = torch.tensor(ranges, dtype=torch.int64)  # (K, 2)
+            item.update(self.shot_fields(clip.video, clip.indices))
         return item
+
+    def shot_fields(self, video: int, indices: Sequence[int]) -> dict[str, torch.Tensor]:
+        """A ``"shots"`` item's ``shot_ids`` int64 ``(K*L,)`` and ``shots`` int64 ``(K, 2)`` (the CPU items and the
+        GPU pipeline's batches carry the same fields)."""
+        ids, ranges = self.shot_ids(self.entries[video], indices)
+        ranges += [ranges[-1]] * (self.num_shots - len(ranges))  # repeat policy: the last shot repeated
+        return {"shot_ids": torch.tensor(ids, dtype=torch.int64), "shots": torch.tensor(ranges, dtype=torch.int64)}

@@ -392,11 +392,15 @@ class ClipPipeline:
             if video is None:
                 video = out.new_empty((len(loaded), *out.shape[1:]))
             video[torch.tensor(slots, device=out.device)] = out
-        return {"video": video,
-                "index": torch.tensor(batch_ids, dtype=torch.int64),
-                "frames": torch.stack([torch.tensor(c.indices, dtype=torch.int64) for c in loaded]),
-                "skipped": torch.tensor([c.skipped for c in loaded], dtype=torch.int64),
-                "video_index": torch.tensor([c.video for c in loaded], dtype=torch.int64)}
+        batch = {"video": video,
+                 "index": torch.tensor(batch_ids, dtype=torch.int64),
+                 "frames": torch.stack([torch.tensor(c.indices, dtype=torch.int64) for c in loaded]),
+                 "skipped": torch.tensor([c.skipped for c in loaded], dtype=torch.int64),
+                 "video_index": torch.tensor([c.video for c in loaded], dtype=torch.int64)}
+        if getattr(self.dataset, "sampler", "") == "shots":  # the shot fields of the CPU items, stacked
+            fields = [self.dataset.shot_fields(c.video, c.indices) for c in loaded]
+            batch.update({k: torch.stack([f[k] for f in fields]) for k in ("shot_ids", "shots")})  # (B, K*L), (B, K, 2)
+        return batch
 
     def _produce(self, batches: list[list[int]], out: queue.Queue, stop: threading.Event,
                  sessions: list[DecodeSession], consumed: list[int]) -> None:

@@ -7,8 +7,9 @@ label, ``a`` itself excluded) and the hardest negative (the nearest embedding wi
 
 over the anchors that have at least one positive and one negative (others are left out of the mean; a batch with
 none gives a zero loss that still backpropagates). An optional ``ignore`` mask takes pairs out of both sets (VIVI
-with pseudo-shots cut from one continuous take: the other segments of the anchor's own video are neither). Distances: ``"euclidean"`` (the paper's), ``"sqeuclidean"`` or
-``"cosine"`` (``1 - cos``). Computed in float32 with autocast off.
+with pseudo-shots cut from one continuous take: the other segments of the anchor's own video are neither).
+Distances: ``"euclidean"`` (the paper's), ``"sqeuclidean"`` or ``"cosine"`` (``1 - cos``). Computed in float32 with
+autocast off.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Pre-activation ResNet ("ResNet v2"; He, Zhang, Ren, Sun, "Identity Mappings in Deep Residual Networks", ECCV
 2016) as Google's VTAB / VIVI / BiT papers use it: the trunk of VIVI's ResNet-50 v2 (issue #13).
 
-Layout (the TF-slim ``resnet_v2`` / BiT variant):
+Layout (He et al.'s and BiT's: a stage's stride in its first block; TF-slim puts it in the last unit instead):
 
 * stem: ``conv1`` 7x7 stride 2 (64 channels) + 3x3 stride-2 max pool, with no BatchNorm or ReLU after it (the first
   block's pre-activation normalises the stem output);

@@ -325,6 +325,8 @@ class VIVI(Objective):
         same_shot = shot_ids[:, None] == shot_ids[None, :]  # (N, N)
         ignore = None
         if self.shot_negatives == "other_videos":
+            if video_ids is None:
+                raise ValueError("shot_negatives='other_videos' needs the video of every frame (video_ids (N,))")
             ignore = (video_ids[:, None] == video_ids[None, :]) & ~same_shot  # (N, N) other shots, same video
         if self.shot_loss == "triplet":
             return self.triplet(F.normalize(z, dim=-1) if self.normalize else z, shot_ids, ignore)
