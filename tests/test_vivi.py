@@ -227,6 +227,13 @@ def test_permutation_and_prediction_losses_start_near_chance(one_thread):
                sep_same_video_negatives=False)
     _, logs = sep({"video": video}, torch.Generator().manual_seed(0))
     assert logs["video/num_candidates"] == 4 * 3 - 2  # the other videos' shots + the positive
+    # items 0 and 1 read one source video: each other's shots are not negatives either (shots by their first frame)
+    shots = torch.tensor([[0, 4], [4, 8], [8, 12]]).expand(4, 3, 2)  # (B, K, 2)
+    same = {"video": video, "video_index": torch.tensor([5, 5, 6, 7]), "shots": shots}
+    _, logs = sep(same, torch.Generator().manual_seed(0))
+    per_row = [6 + 1] * 2 * 2 + [9 + 1] * 2 * 2  # 2 rows per item; items 0, 1: the shots of items 2, 3; items 2, 3:
+    # the shots of the other three items (each + its positive); without video_index it would be 10 on every row
+    assert logs["video/num_candidates"] == pytest.approx(math.prod(per_row) ** (1 / len(per_row)))
     with pytest.raises(ValueError, match="num_shots"):
         VIVI(TinyEncoder(), num_shots=6, frames_per_shot=2, video_loss="permutation")
 

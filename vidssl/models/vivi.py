@@ -338,9 +338,13 @@ class VIVI(Objective):
         loss, n = info_nce(scores, positives, valid=valid)
         return loss, contrastive_logs(loss, n, scores, positives, valid)
 
-    def _video_level(self, e: torch.Tensor, generator: torch.Generator | None) -> tuple[torch.Tensor, dict]:
-        """L_V over shot embeddings ``e (B, K, D)`` in temporal order."""
+    def _video_level(self, e: torch.Tensor, generator: torch.Generator | None,
+                     item_videos: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+        """L_V over shot embeddings ``e (B, K, D)`` in temporal order; ``item_videos (B,)``: each item's source video
+        (default: every item its own), for ``sep_same_video_negatives=False``."""
         b, k, _ = e.shape
+        if item_videos is None:
+            item_videos = torch.arange(b, device=e.device)  # (B,)
         if self.video_loss in ("order", "permutation"):
             labels = order_labels(b, self.perms.shape[0], generator, e.device)  # (B,)
             logits = self.order_logits(permute_shots(e, labels, self.perms))  # (B, C)
@@ -356,15 +360,16 @@ class VIVI(Objective):
             pred = self.pred_out(context)  # (B, K-1, D)
         query = rearrange(pred, "b s d -> (b s) d")  # (B*(K-1), D)
         keys = rearrange(e, "b k d -> (b k) d")  # (B*K, D)
-        vid_q = einops.repeat(torch.arange(b, device=e.device), "b -> (b s)", s=k - 1)  # (B*(K-1),)
-        target = vid_q * k + einops.repeat(torch.arange(1, k, device=e.device), "s -> (b s)", b=b)  # next shot
+        item_q = einops.repeat(torch.arange(b, device=e.device), "b -> (b s)", s=k - 1)  # (B*(K-1),)
+        target = item_q * k + einops.repeat(torch.arange(1, k, device=e.device), "s -> (b s)", b=b)  # next shot
         with torch.autocast(e.device.type, enabled=False):
             scores = einops.einsum(F.normalize(query.float(), dim=-1), F.normalize(keys.float(), dim=-1),
                                    "q d, m d -> q m") / self.sep_temperature  # (B*(K-1), B*K)
         valid = None
         if not self.sep_same_video_negatives:
-            vid_k = einops.repeat(torch.arange(b, device=e.device), "b -> (b k)", k=k)  # (B*K,)
-            valid = vid_q[:, None] != vid_k[None, :]  # (B*(K-1), B*K)
+            vid_q = einops.repeat(item_videos, "b -> (b s)", s=k - 1)  # (B*(K-1),)
+            vid_k = einops.repeat(item_videos, "b -> (b k)", k=k)  # (B*K,)
+            valid = vid_q[:, None] != vid_k[None, :]  # (B*(K-1), B*K) shots of other source videos
             valid[torch.arange(len(target), device=e.device), target] = True
         loss, n = info_nce(scores, target, valid=valid)
         logs = contrastive_logs(loss, n, scores, target, valid)
@@ -420,7 +425,8 @@ class VIVI(Objective):
         total = loss_s
         if self.video_loss != "none":
             e, _ = self.shot_embeddings(rearrange(h, "(b t) c -> b t c", b=b))  # (B, K, D)
-            loss_v, v_logs = self._video_level(e, generator)
+            item_videos = rearrange(video_ids, "(b t) -> b t", b=b)[:, 0]  # (B,) source video of each item
+            loss_v, v_logs = self._video_level(e, generator, item_videos)
             total = total + self.video_weight * loss_v
             logs.update({f"video/{k}": v for k, v in v_logs.items()})
         images = batch.get("streams", {}).get(self.image_stream) if self.image_stream else None
