@@ -19,12 +19,30 @@ import torchvision
 
 from vidssl.config import ConfigError
 
-_LAYERS = ("layer1", "layer2", "layer3", "layer4")
+TRUNK_STAGES = ("layer1", "layer2", "layer3", "layer4")  #: the stages of every ResNet trunk (v1 and v2)
+_LAYERS = TRUNK_STAGES
 _CHANNELS = {
     "resnet18": {"layer1": 64, "layer2": 128, "layer3": 256, "layer4": 512},
     "resnet34": {"layer1": 64, "layer2": 128, "layer3": 256, "layer4": 512},
     "resnet50": {"layer1": 256, "layer2": 512, "layer3": 1024, "layer4": 2048},
 }
+
+
+#: output stride after each stage of a ResNet trunk (torchvision's strides, before the stride-8 modification)
+_STAGE_STRIDE = {"layer1": 4, "layer2": 8, "layer3": 16, "layer4": 32}
+
+
+def check_trunk_args(out_layer: str, padding_mode: str) -> None:
+    """The arguments every ResNet trunk (v1 and v2) shares: ``out_layer`` a stage, ``padding_mode`` zeros/reflect."""
+    if out_layer not in _LAYERS:
+        raise ValueError(f"out_layer: {out_layer!r}; expected one of {list(_LAYERS)}")
+    if padding_mode not in ("zeros", "reflect"):
+        raise ValueError(f"padding_mode: {padding_mode!r}; expected 'zeros' or 'reflect'")
+
+
+def trunk_stride(layer: str, stride8: bool) -> int:
+    """Output stride after ``layer`` of a ResNet trunk, with or without the stride-8 modification."""
+    return min(_STAGE_STRIDE[layer], 8) if stride8 else _STAGE_STRIDE[layer]
 
 
 class ResNetEncoder(nn.Module):
@@ -45,10 +63,7 @@ class ResNetEncoder(nn.Module):
         super().__init__()
         if arch not in _CHANNELS:
             raise ValueError(f"arch: unknown encoder {arch!r}; expected one of {sorted(_CHANNELS)}")
-        if out_layer not in _LAYERS:
-            raise ValueError(f"out_layer: {out_layer!r}; expected one of {list(_LAYERS)}")
-        if padding_mode not in ("zeros", "reflect"):
-            raise ValueError(f"padding_mode: {padding_mode!r}; expected 'zeros' or 'reflect'")
+        check_trunk_args(out_layer, padding_mode)
         self.arch, self.out_layer, self.stride8, self.padding_mode = arch, out_layer, stride8, padding_mode
         net = getattr(torchvision.models, arch)(weights=None)
         if stride8:
@@ -69,8 +84,7 @@ class ResNetEncoder(nn.Module):
             setattr(self, name, getattr(net, name))
         self.layers: tuple[str, ...] = keep  #: stages built, in order
         self.out_channels = _CHANNELS[arch][out_layer]
-        down = {"layer1": 4, "layer2": 8, "layer3": 16, "layer4": 32}[out_layer]
-        self.stride = min(down, 8) if stride8 else down
+        self.stride = trunk_stride(out_layer, stride8)
 
     def forward(self, x: torch.Tensor, *, upto: str | None = None) -> torch.Tensor:
         """``(B, 3, H, W)`` -> ``(B, C, h, w)``; ``upto`` stops at an earlier stage (e.g. ``"layer3"`` for CRW eval)."""
@@ -90,8 +104,7 @@ class ResNetEncoder(nn.Module):
 
     def stride_at(self, layer: str) -> int:
         """Output stride after ``layer``."""
-        down = {"layer1": 4, "layer2": 8, "layer3": 16, "layer4": 32}[layer]
-        return min(down, 8) if self.stride8 else down
+        return trunk_stride(layer, self.stride8)
 
     def load_torchvision_state_dict(self, state: dict[str, torch.Tensor]) -> list[str]:
         """Load a torchvision ResNet ``state_dict`` (``fc.*`` and stages not built are ignored).

@@ -40,11 +40,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from vidssl.config import ConfigError
+from vidssl.models.encoders import TRUNK_STAGES as _LAYERS, check_trunk_args, trunk_stride
 
-_LAYERS = ("layer1", "layer2", "layer3", "layer4")
 _WIDTHS = (64, 128, 256, 512)  # bottleneck / basic widths per stage (output: x expansion)
 _DEPTHS = {"resnet18v2": (2, 2, 2, 2), "resnet34v2": (3, 4, 6, 3), "resnet50v2": (3, 4, 6, 3)}
-_DOWN = {"layer1": 4, "layer2": 8, "layer3": 16, "layer4": 32}  # output stride after each stage (no stride8)
 
 
 def _conv(cin: int, cout: int, k: int, stride: int = 1) -> nn.Conv2d:
@@ -52,7 +51,17 @@ def _conv(cin: int, cout: int, k: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(cin, cout, k, stride=stride, padding=k // 2, bias=False)
 
 
-class PreActBottleneck(nn.Module):
+class _PreActBlock(nn.Module):
+    """What both v2 blocks share: the pre-activation ``relu(bn1(x))`` (also read by the trunk for ``upto``)."""
+
+    bn1: nn.BatchNorm2d
+
+    def preact(self, x: torch.Tensor) -> torch.Tensor:
+        """The block's pre-activation ``relu(bn1(x))``, ``(B, cin, H, W)``."""
+        return F.relu(self.bn1(x))
+
+
+class PreActBottleneck(_PreActBlock):
     """v2 bottleneck: ``x + conv1x1(relu(bn3(conv3x3_s(relu(bn2(conv1x1(relu(bn1(x)))))))))``.
 
     Args:
@@ -71,10 +80,6 @@ class PreActBottleneck(nn.Module):
         self.bn3, self.conv3 = nn.BatchNorm2d(width), _conv(width, cout, 1)
         self.downsample = _conv(cin, cout, 1, stride) if stride != 1 or cin != cout else None
 
-    def preact(self, x: torch.Tensor) -> torch.Tensor:
-        """The block's pre-activation ``relu(bn1(x))``, ``(B, cin, H, W)``."""
-        return F.relu(self.bn1(x))
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.preact(x)  # b cin h w
         shortcut = x if self.downsample is None else self.downsample(out)  # b cout h' w' (from the pre-activation)
@@ -84,7 +89,7 @@ class PreActBottleneck(nn.Module):
         return out + shortcut  # b cout h' w'
 
 
-class PreActBasic(nn.Module):
+class PreActBasic(_PreActBlock):
     """v2 basic block: ``x + conv3x3(relu(bn2(conv3x3_s(relu(bn1(x))))))``.
 
     Shapes: ``(B, cin, H, W) -> (B, width, ceil(H / stride), ceil(W / stride))``.
@@ -97,10 +102,6 @@ class PreActBasic(nn.Module):
         self.bn1, self.conv1 = nn.BatchNorm2d(cin), _conv(cin, width, 3, stride)
         self.bn2, self.conv2 = nn.BatchNorm2d(width), _conv(width, width, 3)
         self.downsample = _conv(cin, width, 1, stride) if stride != 1 or cin != width else None
-
-    def preact(self, x: torch.Tensor) -> torch.Tensor:
-        """The block's pre-activation ``relu(bn1(x))``, ``(B, cin, H, W)``."""
-        return F.relu(self.bn1(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.preact(x)  # b cin h w
@@ -130,10 +131,7 @@ class ResNetV2Encoder(nn.Module):
         super().__init__()
         if arch not in _DEPTHS:
             raise ValueError(f"arch: unknown ResNet v2 {arch!r}; expected one of {sorted(_DEPTHS)}")
-        if out_layer not in _LAYERS:
-            raise ValueError(f"out_layer: {out_layer!r}; expected one of {list(_LAYERS)}")
-        if padding_mode not in ("zeros", "reflect"):
-            raise ValueError(f"padding_mode: {padding_mode!r}; expected 'zeros' or 'reflect'")
+        check_trunk_args(out_layer, padding_mode)
         self.arch, self.out_layer, self.stride8, self.padding_mode = arch, out_layer, stride8, padding_mode
         block = PreActBottleneck if arch == "resnet50v2" else PreActBasic
         self._channels = {name: w * block.expansion for name, w in zip(_LAYERS, _WIDTHS)}
@@ -178,7 +176,7 @@ class ResNetV2Encoder(nn.Module):
 
     def stride_at(self, layer: str) -> int:
         """Output stride after ``layer``."""
-        return min(_DOWN[layer], 8) if self.stride8 else _DOWN[layer]
+        return trunk_stride(layer, self.stride8)
 
 
 def resnet_v2_from_config(cfg) -> ResNetV2Encoder:
