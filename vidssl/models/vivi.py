@@ -386,13 +386,12 @@ class VIVI(Objective):
         b, t = ids.shape
         vids, ranges = batch.get("video_index"), batch.get("shots")
         if vids is None or ranges is None:
-            vids = torch.arange(b, device=ids.device)  # (B,)
-            key = ids + self.num_shots * vids[:, None]  # (B, K*L)
+            vids, shot = torch.arange(b, device=ids.device), ids  # (B,), (B, K*L) item-local shot
         else:
             vids = torch.as_tensor(vids, device=ids.device).long()  # (B,)
-            starts = torch.gather(ranges.to(ids.device)[..., 0].long(), 1, ids)  # (B, K*L) first frame of the shot
-            key = vids[:, None] * (int(starts.max()) + 1) + starts  # (B, K*L) unique per (video, shot)
-        shot_ids = torch.unique(rearrange(key, "b t -> (b t)"), return_inverse=True)[1]  # (B*K*L,)
+            shot = torch.gather(ranges.to(ids.device)[..., 0].long(), 1, ids)  # (B, K*L) first frame of the shot
+        key = torch.stack([einops.repeat(vids, "b -> b t", t=t), shot], dim=-1)  # (B, K*L, 2) (video, shot)
+        shot_ids = torch.unique(rearrange(key, "b t two -> (b t) two"), dim=0, return_inverse=True)[1]  # (B*K*L,)
         return shot_ids, einops.repeat(vids, "b -> (b t)", t=t)
 
     # ------------------------------------------------------------------------------------------------ forward
