@@ -408,8 +408,20 @@ def test_batch_hard_triplet_ignore_is_checked_and_the_logs_honour_it():
     for (soft, masked), (active, top1) in expected.items():
         loss, logs = BatchHardTripletLoss(0.5, "euclidean", soft=soft)(x, y, ignore if masked else None)
         assert logs["active"] == pytest.approx(active) and logs["top1"] == pytest.approx(top1), (soft, masked)
+        assert logs["valid"] == 1.0
         assert loss.item() == pytest.approx(_triplet_loop(x, y, 0.5, "euclidean", soft=soft,
                                                           ignore=ignore if masked else None), rel=1e-5)
+
+
+def test_batch_hard_triplet_logs_say_when_no_anchor_has_a_negative():
+    x, y = torch.randn(4, 3), torch.tensor([0, 0, 1, 1])
+    ignore = torch.ones(4, 4, dtype=torch.bool)  # every pair ignored: no positive, no negative
+    loss, logs = BatchHardTripletLoss(0.5)(x, y, ignore)
+    assert loss.item() == 0.0 and logs["valid"] == 0.0
+    ignore = y[:, None] != y[None, :]  # negatives ignored, positives kept: still no valid anchor
+    assert BatchHardTripletLoss(0.5)(x, y, ignore)[1]["valid"] == 0.0
+    loss, logs = BatchHardTripletLoss(0.5)(x, torch.tensor([0, 0, 0, 1]))  # anchor 3 has no positive
+    assert logs["valid"] == 0.75
 
 
 # a batch of 3 items of K=2 shots of L=2 frames; items 0 and 2 are clips of one video (index 5) that both drew the

@@ -91,9 +91,11 @@ def batch_hard_triplet(embeddings: torch.Tensor, labels: torch.Tensor, *, margin
 
 
 class BatchHardTripletLoss(nn.Module):
-    """Module form of :func:`batch_hard_triplet`; logs ``loss``, ``active`` (fraction of valid anchors with a
+    """Module form of :func:`batch_hard_triplet`; logs ``loss``, ``valid`` (fraction of anchors that have both a
+    positive and a negative: the others add nothing to the loss), ``active`` (fraction of valid anchors with a
     positive hinge), ``pos_dist`` / ``neg_dist`` (means of the mined distances), ``top1`` (fraction of valid anchors
-    whose nearest other embedding shares their label).
+    whose nearest other embedding shares their label). With no valid anchor (one shot, or every negative ignored)
+    the loss is 0 and ``valid`` is 0: the other scalars then describe nothing.
 
     Args:
         margin: hinge margin.
@@ -122,7 +124,7 @@ class BatchHardTripletLoss(nn.Module):
             if ignore is not None:
                 same &= ~ignore
             near_pos = dist.masked_fill(~same, float("inf")).min(dim=1).values  # (N,)
-            logs = {"loss": float(loss.detach()), "active": float(hinge.sum()) / k,
+            logs = {"loss": float(loss.detach()), "valid": float(v.float().mean()), "active": float(hinge.sum()) / k,
                     "pos_dist": float(m.pos_dist[v].sum()) / k, "neg_dist": float(m.neg_dist[v].sum()) / k,
                     "top1": float(((near_pos < m.neg_dist) & v).sum()) / k}
         return loss, logs
