@@ -138,9 +138,16 @@ def test_config_errors_name_the_key(one_thread):
         resolve_run_config(None, ["objectives=[{name: instance, frames: [0, 3]}]", "data.clip_len=2"])
     from vidssl.engine import build_training_model
 
-    with pytest.raises(ConfigError, match=r"queue_size: 100 must be a multiple of the global batch 8"):  # at build
+    with pytest.raises(ConfigError, match=r"^objectives\.0\.queue_size: 100 must be a multiple of the global batch 8"):
         build_training_model(resolve_run_config(None, ["objectives=[{name: instance, queue_size: 100}]",
-                                                       "data.clip_len=2", "train.batch_size=8"]))
+                                                       "data.clip_len=2", "train.batch_size=8"]))  # at build
+    model = build_training_model(resolve_run_config(  # second objective: its index names the key at step time
+        None, ["objectives=[{name: instance, negatives: batch}, {name: instance, queue_size: 8, bn_splits: 1}]",
+               "data.clip_len=2", "train.batch_size=4", "data.crop_size=32"]))
+    with pytest.raises(ConfigError, match=r"^objectives\.1\.bn_splits: 1 in a single process"):
+        model.objectives["instance_1"]({"video": torch.rand(4, 2, 3, 32, 32)})
+    with pytest.raises(ConfigError, match=r"^queue_size: 6 must be a multiple"):  # library use: the argument's name
+        InstanceDiscrimination(TinyEncoder(), queue_size=6)({"video": torch.rand(4, 2, 3, 32, 32)})
 
 
 @pytest.mark.parametrize("frames", [(0, 1), (2, 0)])

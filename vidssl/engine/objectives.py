@@ -8,6 +8,8 @@ the first time a name is looked up (never at import).
 
 from __future__ import annotations
 
+import dataclasses
+
 import importlib
 from dataclasses import dataclass, field
 from typing import Any, Iterable
@@ -117,7 +119,7 @@ class MultiObjective(nn.Module):
             cls = objective_class(name, f"objectives.{i}")
             p = from_dict(cls.Params, params, prefix=f"objectives.{i}")
             key = name if name not in self.objectives else f"{name}_{i}"
-            self.objectives[key] = cls.from_params(encoder, p, ctx)
+            self.objectives[key] = cls.from_params(encoder, p, dataclasses.replace(ctx, prefix=f"objectives.{i}"))
             self.weights[key] = weight
             self.needs[key] = cls.data_needs(p, ctx.data)
         custom = [k for k, o in self.objectives.items() if o.custom_step]

@@ -138,6 +138,11 @@ def augment_views(x: torch.Tensor, *, generator: torch.Generator | None, flip_pr
 # ------------------------------------------------------------------------------------------------- model
 
 
+
+def _key(prefix: str, name: str) -> str:
+    """``objectives.0.queue_size`` from a run's config, ``queue_size`` in library use."""
+    return f"{prefix}.{name}" if prefix else name
+
 class ProjectionHead(nn.Module):
     """MoCo v2's MLP head: global average pool, ``Linear(C, hidden) -> ReLU -> Linear(hidden, dim)``.
 
@@ -260,15 +265,18 @@ class InstanceDiscrimination(Objective):
     def from_params(cls, encoder: nn.Module, params: InstanceParams, ctx: BuildContext) -> "InstanceDiscrimination":
         kw = to_dict(params)
         if params.negatives == "queue" and ctx.batch_size and params.queue_size % ctx.batch_size:
-            raise ConfigError(f"objectives[instance].queue_size: {params.queue_size} must be a multiple of the global "
+            raise ConfigError(f"{_key(ctx.prefix, 'queue_size')}: {params.queue_size} must be a multiple of the global "
                               f"batch {ctx.batch_size} (train.batch_size; MoCo's FIFO never wraps inside a batch)")
         if params.negatives == "memory_bank" and params.bank_size == 0:
             if ctx.data is None:
-                raise ConfigError("bank_size: 0 means the main dataset's item count, but no data section is known")
+                raise ConfigError(f"{_key(ctx.prefix, 'bank_size')}: 0 means the main dataset's item count, but no "
+                                  "data section is known")
             kw["bank_size"] = dataset_items(ctx.data)
         if ctx.data is not None:
             kw.update(input_mean=tuple(ctx.data.mean), input_std=tuple(ctx.data.std))
-        return cls(encoder, **kw)
+        obj = cls(encoder, **kw)
+        obj.key_prefix = ctx.prefix
+        return obj
 
     def __init__(self, encoder: nn.Module, *, negatives: str = "queue", temperature: float = 0.2, dim: int = 128,
                  hidden: int = 0, frames: Sequence[int] = (0, 1), queue_size: int = 65536, momentum: float = 0.999,
@@ -284,11 +292,12 @@ class InstanceDiscrimination(Objective):
                        bank_momentum=bank_momentum, bank_loss=bank_loss, num_negatives=num_negatives,
                        flip_prob=flip_prob, jitter_prob=jitter_prob, jitter=jitter, hue=hue,
                        grayscale_prob=grayscale_prob, blur_prob=blur_prob,
-                       blur_sigma=tuple(blur_sigma)).validate("objectives[instance]")
+                       blur_sigma=tuple(blur_sigma)).validate()
         if negatives == "memory_bank" and bank_size < 2:
-            raise ConfigError(f"objectives[instance].bank_size: the memory bank needs >= 2 entries (one per dataset "
+            raise ConfigError(f"bank_size: the memory bank needs >= 2 entries (one per dataset "
                               f"item), got {bank_size}")
         self.encoder = encoder
+        self.key_prefix = ""  # config path in error messages (from_params sets objectives.N)
         self.negatives, self.temperature, self.frames = negatives, float(temperature), tuple(int(f) for f in frames)
         self.head = ProjectionHead(encoder.out_channels, hidden or encoder.out_channels, dim)
         self.augment = dict(flip_prob=flip_prob, jitter_prob=jitter_prob, jitter=jitter, hue=hue,
@@ -334,7 +343,7 @@ class InstanceDiscrimination(Objective):
         enc, head = (self.key_encoder, self.key_head) if key else (self.encoder, self.head)
         splits = self.bn_splits if self.negatives == "queue" else 1
         if x.shape[0] % splits:
-            raise ConfigError(f"objectives[instance].bn_splits: {splits} does not divide the per-process batch "
+            raise ConfigError(f"{_key(self.key_prefix, 'bn_splits')}: {splits} does not divide the per-process batch "
                               f"{x.shape[0]} (train.batch_size / processes)")
         return torch.cat([head(enc(chunk)) for chunk in x.chunk(splits)], dim=0)  # m dim, sub-batches in order
 
@@ -364,10 +373,10 @@ class InstanceDiscrimination(Objective):
         size = self.queue.queue.shape[0]
         global_batch = view_a.shape[0] * rank_and_world()[1]
         if size < global_batch or size % global_batch:
-            raise ConfigError(f"objectives[instance].queue_size: {size} must be a multiple of the global batch "
+            raise ConfigError(f"{_key(self.key_prefix, 'queue_size')}: {size} must be a multiple of the global batch "
                               f"{global_batch} (train.batch_size; MoCo's FIFO never wraps inside a batch)")
         if self.training and self.bn_splits == 1 and rank_and_world()[1] == 1 and self._has_batchnorm:
-            raise ConfigError("objectives[instance].bn_splits: 1 in a single process lets the key encoder's "
+            raise ConfigError(f"{_key(self.key_prefix, 'bn_splits')}: 1 in a single process lets the key encoder's "
                               "BatchNorm statistics leak the positive (MoCo shuffles keys across GPUs for its "
                               "per-GPU BN; one process has no other GPU to shuffle across): set bn_splits >= 2 "
                               "(BN per sub-batch, keys shuffled across the sub-batches) or train with several "
@@ -395,7 +404,7 @@ class InstanceDiscrimination(Objective):
         index = torch.as_tensor(batch["index"], device=view_a.device).long()  # b
         size = self.memory.bank.shape[0]
         if int(index.max()) >= size or int(index.min()) < 0:
-            raise ConfigError(f"objectives[instance].bank_size: {size} entries, but the batch has item index "
+            raise ConfigError(f"{_key(self.key_prefix, 'bank_size')}: {size} entries, but the batch has item index "
                               f"{int(index.max())}; set bank_size to the dataset's item count (0: inferred)")
         z = self.embed(torch.cat([view_a, view_b]))  # (2 b) dim
         both = torch.cat([index, index])  # (2 b)

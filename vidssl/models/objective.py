@@ -68,6 +68,7 @@ class BuildContext:
     data: Any = None  #: the main stream's ``DataConfig``
     streams: Mapping[str, Any] = field(default_factory=dict)  #: every stream's ``DataConfig`` by name, main included
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    prefix: str = ""  #: this objective's config path for error messages (``objectives.0``; empty in library use)
 
 
 @dataclass
