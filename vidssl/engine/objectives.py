@@ -8,9 +8,9 @@ the first time a name is looked up (never at import).
 
 from __future__ import annotations
 
-import dataclasses
 
 import importlib
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 

@@ -94,8 +94,8 @@ class BatchHardTripletLoss(nn.Module):
     """Module form of :func:`batch_hard_triplet`; logs ``loss``, ``valid`` (fraction of anchors that have both a
     positive and a negative: the others add nothing to the loss), ``active`` (fraction of valid anchors with a
     positive hinge), ``pos_dist`` / ``neg_dist`` (means of the mined distances), ``top1`` (fraction of valid anchors
-    whose nearest other embedding shares their label). With no valid anchor (one shot, or every negative ignored)
-    the loss is 0 and ``valid`` is 0: the other scalars then describe nothing.
+    whose nearest other embedding shares their label). With no valid anchor (one shot, one frame per shot, or every
+    negative or positive ignored) the loss is 0 and ``valid`` is 0: the other scalars then describe nothing.
 
     Args:
         margin: hinge margin.

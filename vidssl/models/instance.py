@@ -136,12 +136,10 @@ def augment_views(x: torch.Tensor, *, generator: torch.Generator | None, flip_pr
 
 
 # ------------------------------------------------------------------------------------------------- model
-
-
-
 def _key(prefix: str, name: str) -> str:
     """``objectives.0.queue_size`` from a run's config, ``queue_size`` in library use."""
     return f"{prefix}.{name}" if prefix else name
+
 
 class ProjectionHead(nn.Module):
     """MoCo v2's MLP head: global average pool, ``Linear(C, hidden) -> ReLU -> Linear(hidden, dim)``.
@@ -252,6 +250,8 @@ class InstanceDiscrimination(Objective):
         flip_prob, jitter_prob, jitter, hue, grayscale_prob, blur_prob, blur_sigma: of :func:`augment_views`.
         input_mean, input_std: the data normalisation (``data.mean``/``data.std``), undone before the photometric
             augmentation and re-applied after it.
+        key_prefix: config path named in error messages (``objectives.0`` when built from a recipe; empty: the bare
+            argument names).
     """
 
     Params = InstanceParams
@@ -274,9 +274,7 @@ class InstanceDiscrimination(Objective):
             kw["bank_size"] = dataset_items(ctx.data)
         if ctx.data is not None:
             kw.update(input_mean=tuple(ctx.data.mean), input_std=tuple(ctx.data.std))
-        obj = cls(encoder, **kw)
-        obj.key_prefix = ctx.prefix
-        return obj
+        return cls(encoder, **kw, key_prefix=ctx.prefix)
 
     def __init__(self, encoder: nn.Module, *, negatives: str = "queue", temperature: float = 0.2, dim: int = 128,
                  hidden: int = 0, frames: Sequence[int] = (0, 1), queue_size: int = 65536, momentum: float = 0.999,
@@ -285,19 +283,19 @@ class InstanceDiscrimination(Objective):
                  flip_prob: float = 0.5, jitter_prob: float = 0.8, jitter: float = 0.4, hue: float = 0.1,
                  grayscale_prob: float = 0.2, blur_prob: float = 0.5, blur_sigma: Sequence[float] = (0.1, 2.0),
                  input_mean: Sequence[float] = (0.485, 0.456, 0.406),
-                 input_std: Sequence[float] = (0.229, 0.224, 0.225)) -> None:
+                 input_std: Sequence[float] = (0.229, 0.224, 0.225), key_prefix: str = "") -> None:
         super().__init__()
         InstanceParams(negatives=negatives, temperature=temperature, dim=dim, hidden=hidden, frames=tuple(frames),
                        queue_size=queue_size, momentum=momentum, bn_splits=bn_splits, bank_size=bank_size,
                        bank_momentum=bank_momentum, bank_loss=bank_loss, num_negatives=num_negatives,
                        flip_prob=flip_prob, jitter_prob=jitter_prob, jitter=jitter, hue=hue,
                        grayscale_prob=grayscale_prob, blur_prob=blur_prob,
-                       blur_sigma=tuple(blur_sigma)).validate()
+                       blur_sigma=tuple(blur_sigma)).validate(key_prefix)
         if negatives == "memory_bank" and bank_size < 2:
-            raise ConfigError(f"bank_size: the memory bank needs >= 2 entries (one per dataset "
+            raise ConfigError(f"{_key(key_prefix, 'bank_size')}: the memory bank needs >= 2 entries (one per dataset "
                               f"item), got {bank_size}")
         self.encoder = encoder
-        self.key_prefix = ""  # config path in error messages (from_params sets objectives.N)
+        self.key_prefix = key_prefix
         self.negatives, self.temperature, self.frames = negatives, float(temperature), tuple(int(f) for f in frames)
         self.head = ProjectionHead(encoder.out_channels, hidden or encoder.out_channels, dim)
         self.augment = dict(flip_prob=flip_prob, jitter_prob=jitter_prob, jitter=jitter, hue=hue,
