@@ -8,9 +8,8 @@ the first time a name is looked up (never at import).
 
 from __future__ import annotations
 
-
-import importlib
 import dataclasses
+import importlib
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
