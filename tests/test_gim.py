@@ -315,8 +315,12 @@ def test_bad_input_names_the_key():
     with pytest.raises(ConfigError, match="workers: 4 pipelined workers for 3 modules"):
         resolve_run_config(None, ["model.encoder=gim_resnet34", "model.out_layer=layer3", "data.clip_len=1",
                                   "objectives=[{name: gim, mode: pipelined, workers: 4}]"])
-    with pytest.raises(ConfigError, match="module_steps: .* adding up to train.steps=10"):
+    with pytest.raises(ConfigError, match="^module_steps: .* adding up to train.steps=10"):  # library use: bare
         GIM(enc, mode="sequential", module_steps=[3, 3, 3], total_steps=10)
+    with pytest.raises(ConfigError, match=r"^objectives\.0\.module_steps: .* adding up to train.steps=10"):
+        build_training_model(resolve_run_config(None, [  # from a recipe: the key as the config spells it
+            "model.encoder=gim_resnet34", "model.out_layer=layer3", "data.clip_len=1", "train.steps=10",
+            "objectives=[{name: gim, mode: sequential, module_steps: [3, 3, 3]}]"]))
     with pytest.raises(ConfigError, match="model.out_layer: 'layer4'; gim_resnet34 has stages"):
         build_training_model(resolve_run_config(None, ["model.encoder=gim_resnet34", "objectives=[{name: gim}]",
                                                        "data.clip_len=1"]))

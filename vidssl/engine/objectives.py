@@ -16,7 +16,7 @@ from typing import Any, Iterable
 import torch
 import torch.nn as nn
 
-from vidssl.config import ConfigError, from_dict, to_dict
+from vidssl.config import ConfigError, fields_of, from_dict, to_dict
 from vidssl.engine.methods import builtin_methods
 from vidssl.models.objective import BuildContext, DataNeeds, Objective
 
@@ -97,6 +97,19 @@ def objective_needs(name: str, params: dict[str, Any], data: Any = None, prefix:
     return cls.data_needs(from_dict(cls.Params, params, prefix=prefix), data)
 
 
+def _build(cls: type[Objective], encoder: nn.Module, params: Any, ctx: BuildContext) -> Objective:
+    """``cls.from_params``; a build-time :class:`ConfigError` that names one of the objective's own keys bare
+    (``mode: ...``, raised by a constructor that also serves library use) gets the config path in front
+    (``objectives.0.mode: ...``)."""
+    try:
+        return cls.from_params(encoder, params, ctx)
+    except ConfigError as exc:
+        head = str(exc).split(":", 1)[0]
+        if ctx.prefix and head.split(".", 1)[0] in fields_of(cls.Params):
+            raise ConfigError(f"{ctx.prefix}.{exc}") from exc
+        raise
+
+
 class MultiObjective(nn.Module):
     """Weighted sum of objectives sharing one encoder.
 
@@ -118,7 +131,7 @@ class MultiObjective(nn.Module):
             cls = objective_class(name, f"objectives.{i}")
             p = from_dict(cls.Params, params, prefix=f"objectives.{i}")
             key = name if name not in self.objectives else f"{name}_{i}"
-            self.objectives[key] = cls.from_params(encoder, p, dataclasses.replace(ctx, prefix=f"objectives.{i}"))
+            self.objectives[key] = _build(cls, encoder, p, dataclasses.replace(ctx, prefix=f"objectives.{i}"))
             self.weights[key] = weight
             self.needs[key] = cls.data_needs(p, ctx.data)
         custom = [k for k, o in self.objectives.items() if o.custom_step]
