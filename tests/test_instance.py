@@ -147,8 +147,8 @@ def test_config_errors_name_the_key(one_thread):
     with pytest.raises(ConfigError, match=r"^objectives\.1\.bn_splits: 1 in a single process"):
         model.objectives["instance_1"]({"video": torch.rand(4, 2, 3, 32, 32)})
     with pytest.raises(ConfigError, match=r"^objectives\.0\.bank_size: the memory bank needs >= 2"):  # in __init__
-        InstanceDiscrimination.from_params(TinyEncoder(), InstanceParams(negatives="memory_bank", bank_size=1),
-                                           BuildContext(prefix="objectives.0"))
+        build_training_model(resolve_run_config(None, [
+            "objectives=[{name: instance, negatives: memory_bank, bank_size: 1}]", "data.clip_len=2"]))
     with pytest.raises(ConfigError, match=r"^queue_size: 6 must be a multiple"):  # library use: the argument's name
         InstanceDiscrimination(TinyEncoder(), queue_size=6)({"video": torch.rand(4, 2, 3, 32, 32)})
 

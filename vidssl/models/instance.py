@@ -250,8 +250,9 @@ class InstanceDiscrimination(Objective):
         flip_prob, jitter_prob, jitter, hue, grayscale_prob, blur_prob, blur_sigma: of :func:`augment_views`.
         input_mean, input_std: the data normalisation (``data.mean``/``data.std``), undone before the photometric
             augmentation and re-applied after it.
-        key_prefix: config path named in error messages (``objectives.0`` when built from a recipe; empty: the bare
-            argument names).
+        key_prefix: config path named in the errors raised while training (``objectives.0`` when built from a
+            recipe; empty: the bare argument names). Build-time errors name the bare argument; the recipe builder
+            puts the config path in front.
     """
 
     Params = InstanceParams
@@ -265,12 +266,11 @@ class InstanceDiscrimination(Objective):
     def from_params(cls, encoder: nn.Module, params: InstanceParams, ctx: BuildContext) -> "InstanceDiscrimination":
         kw = to_dict(params)
         if params.negatives == "queue" and ctx.batch_size and params.queue_size % ctx.batch_size:
-            raise ConfigError(f"{_key(ctx.prefix, 'queue_size')}: {params.queue_size} must be a multiple of the global "
+            raise ConfigError(f"queue_size: {params.queue_size} must be a multiple of the global "
                               f"batch {ctx.batch_size} (train.batch_size; MoCo's FIFO never wraps inside a batch)")
         if params.negatives == "memory_bank" and params.bank_size == 0:
             if ctx.data is None:
-                raise ConfigError(f"{_key(ctx.prefix, 'bank_size')}: 0 means the main dataset's item count, but no "
-                                  "data section is known")
+                raise ConfigError("bank_size: 0 means the main dataset's item count, but no data section is known")
             kw["bank_size"] = dataset_items(ctx.data)
         if ctx.data is not None:
             kw.update(input_mean=tuple(ctx.data.mean), input_std=tuple(ctx.data.std))
@@ -290,9 +290,9 @@ class InstanceDiscrimination(Objective):
                        bank_momentum=bank_momentum, bank_loss=bank_loss, num_negatives=num_negatives,
                        flip_prob=flip_prob, jitter_prob=jitter_prob, jitter=jitter, hue=hue,
                        grayscale_prob=grayscale_prob, blur_prob=blur_prob,
-                       blur_sigma=tuple(blur_sigma)).validate(key_prefix)
+                       blur_sigma=tuple(blur_sigma)).validate()
         if negatives == "memory_bank" and bank_size < 2:
-            raise ConfigError(f"{_key(key_prefix, 'bank_size')}: the memory bank needs >= 2 entries (one per dataset "
+            raise ConfigError(f"bank_size: the memory bank needs >= 2 entries (one per dataset "
                               f"item), got {bank_size}")
         self.encoder = encoder
         self.key_prefix = key_prefix

@@ -219,8 +219,7 @@ class VIVI(Objective):
         if params.image_stream and not params.num_classes:
             stream = ctx.streams.get(params.image_stream)
             if stream is None or not getattr(stream, "root", ""):
-                key = f"{ctx.prefix}.image_stream" if ctx.prefix else "image_stream"
-                raise ConfigError(f"{key}: stream {params.image_stream!r} is not defined "
+                raise ConfigError(f"image_stream: stream {params.image_stream!r} is not defined "
                                   "(streams: {name: {data: {source: images, root: ...}}}) or has no root")
             from vidssl.data.images import scan_image_folder
 
