@@ -388,11 +388,13 @@ def _cfg(mode, steps, *extra):
                                      "train.device=cpu", "optim.lr=1e-3", f"train.steps={steps}", *extra])
 
 
-@pytest.mark.parametrize("mode", ["joint", "sequential"])
+@pytest.mark.parametrize("mode", ["joint", "sequential", "sequential_cache"])
 def test_resume_continues_exactly(tmp_path, mode, one_thread):
     from test_trainer import TensorLoader
 
-    seq = ["objectives.0.module_steps=[1, 2, 1]"] if mode == "sequential" else []
+    seq = ["objectives.0.module_steps=[1, 2, 1]"] if mode.startswith("sequential") else []
+    if mode == "sequential_cache":  # module 1: step 1 writes its one cached input, step 2 (the checkpoint) replays it
+        mode, seq = "sequential", seq + ["objectives.0.cache=disk", "objectives.0.cache_batches=1"]
     straight = train(_cfg(mode, 4, *seq), tmp_path / "a", loader=TensorLoader(T=1, size=24), progress=False,
                      echo=False)
     # train 2 of 4 steps (a checkpoint at 2), then resume to 4
@@ -408,6 +410,10 @@ def test_resume_continues_exactly(tmp_path, mode, one_thread):
     assert [r["step"] for r in logs] == [1, 2, 3, 4]
     if mode == "sequential":
         assert [r["active_module"] for r in logs] == [0.0, 1.0, 1.0, 2.0]
+    if "objectives.0.cache=disk" in seq:  # built, replayed, then module 2's built from module 1's after the resume
+        assert [r.get("cache_hit") for r in logs] == [None, 0.0, 1.0, 0.0]
+        assert not list((tmp_path / "b").rglob("*.safetensors.tmp"))
+        assert not list((tmp_path / "b" / "gim_cache").rglob("*.safetensors"))  # removed at the last step
 
 
 class _Stop(Exception):
@@ -546,3 +552,77 @@ def test_the_sample_recipe_lr_does_not_collapse_the_last_module(one_thread):
     assert cos < 0.99 and growth < 5, (cos, growth)
     cos_hi, growth_hi = _module2_codes_after(5e-4)
     assert cos_hi > 0.999 and growth_hi > 10, (cos_hi, growth_hi)
+
+
+def _cache_pair(tmp_path, seed=0):
+    """A sequential GIM without and one with the disk cache (same weights), each with one persistent context."""
+    kw = dict(module_steps=[1, 4, 3], cache_batches=2)
+    plain, cached = _gim("sequential", total_steps=8, seed=seed, **kw), _gim(
+        "sequential", total_steps=8, seed=seed, cache="disk", cache_dir=str(tmp_path / "cache"), **kw)
+    return (plain, _ctx(plain, lr=1e-3)), (cached, _ctx(cached, lr=1e-3))
+
+
+def _step(model, ctx, step, batch):
+    import dataclasses
+
+    return model.training_step(batch, dataclasses.replace(ctx, step=step,
+                                                          generator=torch.Generator().manual_seed(step)))
+
+
+def test_disk_cache_trains_exactly_as_recomputing_on_the_cached_batches(tmp_path, one_thread):
+    """module_steps [1, 4, 3], cache_batches 2: module 1 caches the inputs of steps 1-2 and replays them at 3-4
+    (whatever the stream draws); module 2 makes its inputs from module 1's cached ones (steps 5-6) and replays at
+    step 7. Parameters and losses equal, bit for bit, recomputing the frozen modules on those same batches."""
+    (plain, pctx), (cached, cctx) = _cache_pair(tmp_path)
+    b = [_batch(n=2, seed=s) for s in range(3)]
+    noise = _batch(n=2, seed=99)
+    fed_plain = [b[0], b[1], b[2], b[1], b[2], b[1], b[2], b[1]]
+    fed_cached = [b[0], b[1], b[2], noise, noise, noise, noise, noise]
+    hits = []
+    folder = tmp_path / "cache"
+    for step in range(8):
+        lp = _step(plain, pctx, step, fed_plain[step])
+        lc = _step(cached, cctx, step, fed_cached[step])
+        assert lc["loss"] == lp["loss"], step
+        hits.append(lc.get("cache_hit"))
+        for i in range(3):
+            for a, c in zip(plain.module_parameters(i), cached.module_parameters(i)):
+                torch.testing.assert_close(c, a, rtol=0, atol=0, msg=f"step {step} module {i}")
+        if step == 5:  # module 2's first input made from module 1's first cached input, which is then deleted
+            assert sorted(f.name for f in folder.rglob("*.safetensors")) == [
+                "rank0_000000.safetensors", "rank0_000001.safetensors"]
+            assert (folder / "module2" / "rank0_000000.safetensors").is_file()
+    assert hits == [None, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 1.0]
+    assert not list(folder.rglob("*.safetensors"))  # the last step removes what nothing will read
+
+
+def test_disk_cache_remakes_files_of_other_weights(tmp_path, one_thread):
+    """A cache folder left by another run (other frozen weights) is not read: its files are remade."""
+    (_, _), (first, fctx) = _cache_pair(tmp_path, seed=0)
+    (plain, pctx), (second, sctx) = _cache_pair(tmp_path, seed=1)
+    b = [_batch(n=2, seed=s) for s in range(3)]
+    for step in range(3):
+        _step(first, fctx, step, b[step])  # leaves module 1's two cached inputs
+    assert len(list((tmp_path / "cache").rglob("*.safetensors"))) == 2
+    fed = [b[0], b[2], b[1], b[2]]  # other batches than the first run cached at steps 1-2
+    for step in range(4):
+        lp = _step(plain, pctx, step, fed[step])
+        lc = _step(second, sctx, step, fed[step] if step < 3 else _batch(n=2, seed=99))
+        assert lc["loss"] == lp["loss"] and lc.get("cache_hit") == [None, 0.0, 0.0, 1.0][step]
+
+
+def test_disk_cache_bad_input():
+    enc = GIMResNet("gim_resnet34")
+    with pytest.raises(ConfigError, match="cache: 'disk' with mode 'joint'"):
+        GIM(enc, mode="joint", cache="disk")
+    with pytest.raises(ConfigError, match=r"objectives\.0\.cache: disk caches the frozen modules of mode sequential"):
+        resolve_run_config(None, ["model.encoder=gim_resnet34", "model.out_layer=layer3", "data.clip_len=1",
+                                  "objectives=[{name: gim, mode: joint, cache: disk}]"])
+    with pytest.raises(ConfigError, match=r"objectives\.0\.cache_batches: must be >= 1"):
+        resolve_run_config(None, ["model.encoder=gim_resnet34", "model.out_layer=layer3", "data.clip_len=1",
+                                  "objectives=[{name: gim, mode: sequential, cache: disk, cache_batches: 0}]"])
+    model = _gim("sequential", total_steps=2, module_steps=[1, 1], splits=["layer1", "layer3"], cache="disk")
+    ctx = _ctx(model)
+    model.training_step(_batch(n=2), ctx)  # module 0 reads no cache
+    with pytest.raises(RuntimeError, match="cache: disk needs a folder: set cache_dir"):
+        _step(model, ctx, 1, _batch(n=2))

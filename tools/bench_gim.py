@@ -12,8 +12,10 @@ steps. Memory:
 Configurations: ``cpc`` (end-to-end image-mode CPC: the whole trunk, one head on its output, one optimiser),
 ``joint`` (GIM official: summed losses, one backward), ``joint_per_module`` (a backward right after each module),
 ``sequential_m<i>`` (module i trained, earlier modules frozen under no_grad; the sequential peak is the maximum
-over i) and ``pipelined`` (``--workers`` threads). The largest module's share of end-to-end memory is measured in
-the parent by counting the bytes autograd saves per module in one joint step.
+over i), ``sequential_cache_m<i>`` (i >= 1: the same with ``cache: disk`` and one cached batch: the first warm-up
+step writes module i's input to a temporary folder, every later step reads it instead of running the frozen
+modules; its memory includes that first step) and ``pipelined`` (``--workers`` threads). The largest module's share
+of end-to-end memory is measured in the parent by counting the bytes autograd saves per module in one joint step.
 
 Usage (one CPU slot, one thread per configuration; pipelined uses ``--workers`` threads)::
 
@@ -76,6 +78,7 @@ import os
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -94,8 +97,8 @@ def _encoder(args):
 
 
 def _gim(args, mode, **kw):
-    return GIM(_encoder(args), splits=args.splits, mode=mode, pred_steps=args.pred_steps,
-               total_steps=len(args.splits), **kw)
+    kw.setdefault("total_steps", len(args.splits))
+    return GIM(_encoder(args), splits=args.splits, mode=mode, pred_steps=args.pred_steps, **kw)
 
 
 def _memory_now(device: torch.device) -> float:
@@ -118,6 +121,11 @@ def child(args) -> dict:
     else:
         if name.startswith("sequential_m"):
             model = _gim(args, "sequential", module_steps=[1] * len(args.splits))
+        elif name.startswith("sequential_cache_m"):  # one cached batch: the first warm-up step writes it, the
+            cache_dir = tempfile.TemporaryDirectory(prefix="bench_gim_cache.")  # others read it (removed at exit)
+            m = len(args.splits)  # 2 steps per module: the step run is never the run's last (which clears the cache)
+            model = _gim(args, "sequential", module_steps=[2] * m, total_steps=2 * m, cache="disk", cache_batches=1,
+                         cache_dir=cache_dir.name)
         elif name == "pipelined":
             model = _gim(args, "pipelined", workers=args.workers)
         else:
@@ -127,7 +135,11 @@ def child(args) -> dict:
     gen = torch.Generator(device=device).manual_seed(0)
     batch = {"video": torch.rand(args.batch, 1, 3, args.crop, args.crop, generator=torch.Generator().manual_seed(1))
              .to(device)}
-    step_of = int(name[len("sequential_m"):]) if name.startswith("sequential_m") else 0
+    step_of = 0
+    if name.startswith("sequential_m"):
+        step_of = int(name[len("sequential_m"):])
+    elif name.startswith("sequential_cache_m"):
+        step_of = 2 * int(name[len("sequential_cache_m"):])  # module i's first step (module_steps 2 each)
 
     def one_step(i: int) -> None:
         if name == "cpc":
@@ -360,7 +372,8 @@ def main(argv=None) -> int:
         print(json.dumps(child(args)))
         return 0
     m = len(args.splits)
-    configs = ["cpc", "joint", "joint_per_module"] + [f"sequential_m{i}" for i in range(m)] + ["pipelined"]
+    configs = (["cpc", "joint", "joint_per_module"] + [f"sequential_m{i}" for i in range(m)]
+               + [f"sequential_cache_m{i}" for i in range(1, m)] + ["pipelined"])
     rows = []
     passthrough = [f"--encoder={args.encoder}", f"--splits={','.join(args.splits)}", f"--batch={args.batch}",
                    f"--crop={args.crop}", f"--pred-steps={args.pred_steps}", f"--workers={args.workers}",
@@ -409,6 +422,8 @@ def main(argv=None) -> int:
         "sequential_over_largest_share_of_e2e": seq["train_mib"] / (largest * e2e["train_mib"]),
         "sequential_over_largest_share_of_e2e_tensors": seq_t["tensor_mib"] / (largest * e2e["tensor_mib"]),
         "pipelined_over_joint_throughput": by["pipelined"]["images_per_s"] / by["joint"]["images_per_s"],
+        "sequential_recompute_over_cache_step_time": {
+            f"m{i}": by[f"sequential_m{i}"]["step_s"] / by[f"sequential_cache_m{i}"]["step_s"] for i in range(1, m)},
     }
     print("module shares of end-to-end training memory, activations (distinct saved storages): "
           f"{', '.join(f'{v:.2f}' for v in shares['activations'])}; with gradients + Adam moments: "
@@ -420,6 +435,8 @@ def main(argv=None) -> int:
     print(f"end-to-end / joint: {summary['e2e_over_joint_train_mem']:.2f}x; end-to-end / joint_per_module: "
           f"{summary['e2e_over_joint_per_module_train_mem']:.2f}x; pipelined ({args.workers} workers) / joint "
           f"throughput: {summary['pipelined_over_joint_throughput']:.2f}x")
+    print("sequential step time, frozen modules recomputed / read from the disk cache: "
+          + ", ".join(f"{k} {v:.2f}x" for k, v in summary["sequential_recompute_over_cache_step_time"].items()))
     if args.out:
         atomic_write_text(Path(args.out), json.dumps({"args": vars(args), "rows": rows, "summary": summary},
                                                      indent=2) + "\n")

@@ -386,7 +386,7 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: str | Path | None = No
         grad_norm = None
         if custom is not None:
             ctx = StepContext(step=step, lr=lr, optimizers=opts, scalers=scalers, autocast=autocast, generator=gen,
-                              all_reduce_gradients=all_reduce_gradients)
+                              all_reduce_gradients=all_reduce_gradients, work_dir=out_dir)
             logs = dict(custom.training_step(batch, ctx))
             if "loss" not in logs:
                 raise ValueError(f"{type(custom).__name__}.training_step: the logs need a 'loss' entry")

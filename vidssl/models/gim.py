@@ -19,9 +19,18 @@ Modes (``mode``):
   map freed once the next block has read it; not ``inference_mode``, whose outputs autograd refuses to save as the
   active module's input), later ones are not run, and only the active module's optimiser steps. The active module
   also runs block by block (:meth:`_EncoderModule.steps`: no frame keeps a stage's input alive through the stage),
-  and its per-patch maps are released after pooling (only the codes and what autograd saved stay). Caching earlier
-  outputs on disk is not implemented: the frozen modules are recomputed every step, as the official
-  ``--train_module`` does.
+  and its per-patch maps are released after pooling (only the codes and what autograd saved stay). By default
+  (``cache: none``) the frozen modules are recomputed every step, as the official ``--train_module`` does.
+  ``cache: disk`` (ours) stores the frozen prefix's output instead: during the first ``cache_batches`` steps of
+  module m's phase (m >= 1) each step's input to module m is written to ``<cache_dir>/module<m>/`` (safetensors,
+  written atomically; default folder ``<run>/gim_cache``); later steps of the phase replay those inputs in order and
+  ignore the batch the stream drew (no frozen module runs at all). Module m's k-th input is made from module m-1's
+  k-th cached input by one frozen pass of module m-1 (only the first phase's cache reads the stream's batches), so
+  every phase after module 0 trains on the same ``cache_batches`` batches for ``module_steps[m] / cache_batches``
+  epochs: the trade of every feature cache (no fresh augmentation after the first pass). Each file records a
+  fingerprint of the frozen weights it was made with; a file that does not match (a stale folder, another run) is
+  remade, so a resumed run reuses its cache and never reads another run's. A phase's files are deleted once the next
+  phase has read them, the last phase's at the run's last step. Each DDP rank caches its own batches.
 
 Memory, in every mode and in end-to-end :class:`~vidssl.models.cpc.CPC` alike (the same trunk code, so
 ``tools/bench_gim.py`` compares like with like): channels-last patches (no oneDNN reorder copies inside each
@@ -47,16 +56,21 @@ its ``layers``: torchvision ResNets, ``r2d3d18``, or GIM's own pre-activation Re
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Literal
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from vidssl.config import ConfigError
+from vidssl.io.atomic import atomic_path
 from vidssl.models.cpc import RowCPCHead, frames_as_images, patch_grid, patchify, trunk_input
 from vidssl.models.objective import BuildContext, DataNeeds, Objective, StepContext
 
@@ -344,8 +358,18 @@ class GIMParams:
     temperature: float = 0.0  #: 0 = raw dot-product scores (GIM); > 0 = cosine / temperature (not in GIM)
     patch: int = 16  #: patch side (GIM: 16)
     patch_stride: int = 8  #: patch step (GIM: 8)
+    cache: Literal["none", "disk"] = "none"  #: sequential: recompute frozen modules (GIM) or cache their outputs
+    cache_batches: int = 64  #: cache disk: distinct batches cached per module phase, then replayed in order
+    cache_dir: str = ""  #: cache disk: folder (empty: <run folder>/gim_cache)
 
     def validate(self, prefix: str = "") -> None:
+        if self.cache not in ("none", "disk"):
+            raise ConfigError(f"{prefix}.cache: {self.cache!r}; expected none or disk")
+        if self.cache == "disk" and self.mode != "sequential":
+            raise ConfigError(f"{prefix}.cache: disk caches the frozen modules of mode sequential; mode is "
+                              f"{self.mode!r} (no module is frozen)")
+        if self.cache_batches < 1:
+            raise ConfigError(f"{prefix}.cache_batches: must be >= 1, got {self.cache_batches}")
         if self.workers < 1:
             raise ConfigError(f"{prefix}.workers: must be >= 1, got {self.workers}")
         if self.mode == "pipelined" and self.workers > len(self.splits):
@@ -374,6 +398,10 @@ class GIM(Objective):
         pred_steps, skip, negatives, num_negatives, temperature: each head's CPC loss
             (:class:`~vidssl.models.cpc.RowCPCHead`).
         patch, patch_stride: the patch grid.
+        cache: sequential: ``"none"`` (recompute the frozen modules every step, GIM) or ``"disk"`` (ours: cache
+            their outputs, see the module docstring).
+        cache_batches: ``cache="disk"``: batches cached per module phase and replayed.
+        cache_dir: ``cache="disk"``: the cache folder (empty: ``gim_cache`` in the step context's ``work_dir``).
         total_steps: the run length (``module_steps`` must add up to it).
     """
 
@@ -391,15 +419,20 @@ class GIM(Objective):
                    module_steps=params.module_steps, workers=params.workers, pred_steps=params.pred_steps,
                    skip=params.skip, negatives=params.negatives, num_negatives=params.num_negatives,
                    temperature=params.temperature, patch=params.patch, patch_stride=params.patch_stride,
+                   cache=params.cache, cache_batches=params.cache_batches, cache_dir=params.cache_dir,
                    total_steps=ctx.total_steps)
 
     def __init__(self, encoder: nn.Module, *, splits: list[str] = ("layer1", "layer2", "layer3"),
                  mode: str = "joint", backward: str = "summed", module_steps: list[int] = (), workers: int = 2,
                  pred_steps: int = 5, skip: int = 1, negatives: str = "batch_sampled", num_negatives: int = 16,
-                 temperature: float = 0.0, patch: int = 16, patch_stride: int = 8, total_steps: int = 1) -> None:
+                 temperature: float = 0.0, patch: int = 16, patch_stride: int = 8, cache: str = "none",
+                 cache_batches: int = 64, cache_dir: str = "", total_steps: int = 1) -> None:
         super().__init__()
         if mode not in ("joint", "sequential", "pipelined"):
             raise ConfigError(f"mode: {mode!r}; expected joint, sequential or pipelined")
+        if cache not in ("none", "disk") or (cache == "disk" and mode != "sequential") or cache_batches < 1:
+            raise ConfigError(f"cache: {cache!r} with mode {mode!r}, cache_batches {cache_batches}; expected cache "
+                              "none, or disk with mode sequential and cache_batches >= 1")
         if backward not in ("summed", "per_module"):
             raise ConfigError(f"backward: {backward!r}; expected summed or per_module")
         self.encoder = encoder
@@ -418,6 +451,8 @@ class GIM(Objective):
                               f"train.steps={total_steps}")
         self.module_ends = [sum(steps[: i + 1]) for i in range(m)]  #: sequential: module i trains until this step
         self.groups = [list(g) for g in _chunks(m, workers)] if mode == "pipelined" else [list(range(m))]
+        self.cache, self.cache_batches, self.cache_dir = cache, cache_batches, cache_dir
+        self._fingerprints: dict[int, str] = {}  # cache disk: module m -> fingerprint of modules 0..m-1's weights
         self._inflight: dict[int, Any] = {}  # pipelined: one slot per group > 0 (detached input of the group)
         self._pool: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
@@ -524,16 +559,25 @@ class GIM(Objective):
         logs["loss"] = float(sum(float(v.detach()) for v in losses))
         return logs
 
+    def _frozen(self, modules: range, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        """``x`` through the frozen ``modules``: eval mode, no graph kept, each map freed once the next block read it."""
+        with torch.no_grad(), ctx.autocast():
+            for i in modules:
+                self.blocks[i].set_mode(False)
+                for f in self.blocks[i].steps():
+                    x = f(x)  # (n g) C h w
+        return x
+
     def _sequential(self, batch: dict, ctx: StepContext) -> dict[str, float]:
         active = self.active_module(ctx.step)
         name = f"module{active}"
         ctx.optimizers[name].zero_grad(set_to_none=True)  # last step's gradients are not kept through the forward
-        x, grid = self._patches(batch)
-        with torch.no_grad(), ctx.autocast():
-            for i in range(active):  # frozen: eval mode, no graph kept, each map freed once the next block read it
-                self.blocks[i].set_mode(False)
-                for f in self.blocks[i].steps():
-                    x = f(x)  # (n g) C h w
+        cached = None
+        if self.cache == "disk" and active > 0:
+            x, grid, cached = self._cached_input(active, batch, ctx)
+        else:
+            x, grid = self._patches(batch)
+            x = self._frozen(range(active), x, ctx)
         self.blocks[active].set_mode(True)
         with ctx.autocast():
             for f in self.blocks[active].steps():  # only the loop variable holds a block's input (see steps())
@@ -546,7 +590,81 @@ class GIM(Objective):
         self._backward_step(loss, ctx.scalers.get(name), active, ctx)
         logs = {f"m{active}/{k}": v for k, v in lg.items()}
         logs.update(loss=float(loss.detach()), active_module=float(active))
+        if cached is not None:
+            logs["cache_hit"] = float(cached)
+        if self.cache == "disk" and ctx.step == self.module_ends[-1] - 1:  # the run's last step: nothing reads them
+            for m in range(1, len(self.blocks)):
+                folder = self._cache_folder(m, ctx)
+                for f in folder.glob(f"{self._cache_rank()}_*.safetensors"):
+                    f.unlink(missing_ok=True)
+                with contextlib.suppress(OSError):  # another rank's files may still be there
+                    folder.rmdir()
         return logs
+
+    # -------------------------------------------------------------------- the disk cache (sequential)
+    def _cache_folder(self, m: int, ctx: StepContext) -> Path:
+        if self.cache_dir:
+            root = Path(self.cache_dir)
+        elif ctx.work_dir is not None:
+            root = Path(ctx.work_dir) / "gim_cache"
+        else:
+            raise RuntimeError("gim cache: disk needs a folder: set cache_dir (library use without a run folder)")
+        return root / f"module{m}"
+
+    @staticmethod
+    def _cache_rank() -> str:
+        return f"rank{dist.get_rank() if dist.is_available() and dist.is_initialized() else 0}"
+
+    def _fingerprint(self, m: int) -> str:
+        """Hash of the weights module ``m``'s cached input was made with (modules ``0 .. m-1``, frozen in m's phase)."""
+        if m not in self._fingerprints:
+            h = hashlib.sha256(f"{m} {self.patch} {self.patch_stride}".encode())
+            for i in range(m):
+                for part in self.blocks[i].parts():
+                    for t in list(part.parameters()) + list(part.buffers()):
+                        h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+            self._fingerprints[m] = h.hexdigest()  # modules 0 .. m-1 no longer change once module m trains
+        return self._fingerprints[m]
+
+    def _read_cache(self, path: Path, m: int, device: torch.device):
+        """``(x, grid)`` from a cache file made with the current frozen weights, else ``None``."""
+        if not path.is_file():
+            return None
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                meta = f.metadata() or {}
+                if meta.get("fingerprint") != self._fingerprint(m):
+                    return None
+                x = f.get_tensor("x")
+        except Exception:  # a file safetensors cannot read (e.g. written on a full disk) is remade, not trusted
+            return None
+        grid = tuple(int(v) for v in meta["grid"].split(","))
+        return x.to(device).contiguous(memory_format=torch.channels_last), grid  # (n g) C h w
+
+    def _cached_input(self, m: int, batch: dict, ctx: StepContext) -> tuple[torch.Tensor, tuple[int, int], bool]:
+        """Module ``m``'s input at this step from the disk cache: ``(x, grid, hit)``."""
+        k = (ctx.step - self.module_ends[m - 1]) % self.cache_batches
+        rank = self._cache_rank()
+        path = self._cache_folder(m, ctx) / f"{rank}_{k:06d}.safetensors"
+        device = next(self.heads[m].parameters()).device
+        hit = self._read_cache(path, m, device)
+        if hit is not None:
+            return *hit, True
+        prev_path = self._cache_folder(m - 1, ctx) / f"{rank}_{k:06d}.safetensors"
+        prev = self._read_cache(prev_path, m - 1, device) if m > 1 else None
+        if prev is not None:  # module m-1's cached input: one frozen pass of module m-1
+            x, grid = prev
+            x = self._frozen(range(m - 1, m), x, ctx)
+        else:  # the stream's batch through every frozen module
+            x, grid = self._patches(batch)
+            x = self._frozen(range(m), x, ctx)
+        with atomic_path(path) as tmp:
+            save_file({"x": x.detach().cpu().contiguous()}, str(tmp),
+                      metadata={"fingerprint": self._fingerprint(m), "grid": f"{grid[0]},{grid[1]}",
+                                "step": str(ctx.step)})
+        if prev is not None:
+            prev_path.unlink(missing_ok=True)  # read for the last time: module m-1 no longer trains
+        return x, grid, False
 
     def _pipelined(self, batch: dict, ctx: StepContext) -> dict[str, float]:
         if dist.is_available() and dist.is_initialized():

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, ClassVar, Iterator, Mapping
 
 import torch
@@ -82,6 +83,8 @@ class StepContext:
         generator: the objective's seeded random generator (checkpointed).
         all_reduce_gradients: averages ``.grad`` of the given parameters over DDP ranks (no-op in one process); call
             it between backward and ``step`` when not wrapped in DDP.
+        work_dir: the run folder, where an objective may keep files of its own (a cache); ``None`` when the caller
+            has none (library use).
     """
 
     step: int
@@ -91,6 +94,7 @@ class StepContext:
     autocast: Callable[[], contextlib.AbstractContextManager]
     generator: torch.Generator | None
     all_reduce_gradients: Callable[[Iterator[nn.Parameter]], None]
+    work_dir: Path | None = None
 
 
 class Objective(nn.Module):
