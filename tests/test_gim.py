@@ -412,8 +412,7 @@ def test_resume_continues_exactly(tmp_path, mode, one_thread):
         assert [r["active_module"] for r in logs] == [0.0, 1.0, 1.0, 2.0]
     if "objectives.0.cache=disk" in seq:  # built, replayed, then module 2's built from module 1's after the resume
         assert [r.get("cache_hit") for r in logs] == [None, 0.0, 1.0, 0.0]
-        assert not list((tmp_path / "b").rglob("*.safetensors.tmp"))
-        assert not list((tmp_path / "b" / "gim_cache").rglob("*.safetensors"))  # removed at the last step
+        assert not (tmp_path / "b" / "gim_cache").exists()  # removed after the final checkpoint
 
 
 class _Stop(Exception):
@@ -588,12 +587,14 @@ def test_disk_cache_trains_exactly_as_recomputing_on_the_cached_batches(tmp_path
         for i in range(3):
             for a, c in zip(plain.module_parameters(i), cached.module_parameters(i)):
                 torch.testing.assert_close(c, a, rtol=0, atol=0, msg=f"step {step} module {i}")
-        if step == 5:  # module 2's first input made from module 1's first cached input, which is then deleted
-            assert sorted(f.name for f in folder.rglob("*.safetensors")) == [
-                "rank0_000000.safetensors", "rank0_000001.safetensors"]
-            assert (folder / "module2" / "rank0_000000.safetensors").is_file()
     assert hits == [None, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 1.0]
-    assert not list(folder.rglob("*.safetensors"))  # the last step removes what nothing will read
+    # every file is kept for a resume until the run ends (module 2's from module 1's: both of each)
+    assert sorted(str(f.relative_to(folder)) for f in folder.rglob("*.safetensors")) == [
+        "module1/rank0_000000.safetensors", "module1/rank0_000001.safetensors",
+        "module2/rank0_000000.safetensors", "module2/rank0_000001.safetensors"]
+    (folder / "module1" / ".rank0_000002.safetensors.x.safetensors.tmp").write_bytes(b"cut short")
+    cached.on_train_end(None)
+    assert not folder.exists()
 
 
 def test_disk_cache_remakes_files_of_other_weights(tmp_path, one_thread):
@@ -626,3 +627,52 @@ def test_disk_cache_bad_input():
     model.training_step(_batch(n=2), ctx)  # module 0 reads no cache
     with pytest.raises(RuntimeError, match="cache: disk needs a folder: set cache_dir"):
         _step(model, ctx, 1, _batch(n=2))
+
+
+def test_disk_cache_resume_into_an_earlier_phase_reads_the_files_the_run_used(tmp_path, one_thread):
+    """Checkpoint in module 1's phase, crash after module 2 started (it built its input from module 1's cached one):
+    the resumed run replays module 1's cached input, not the stream's batch, and ends where an uninterrupted run
+    ends, bit for bit."""
+    from test_trainer import TensorLoader
+
+    extra = ["objectives.0.module_steps=[1, 3, 2]", "objectives.0.cache=disk", "objectives.0.cache_batches=1",
+             "train.ckpt_every=3"]
+    straight = train(_cfg("sequential", 6, *extra), tmp_path / "a", loader=TensorLoader(num_clips=12, T=1, size=24),
+                     progress=False, echo=False)
+    cfg = _cfg("sequential", 6, *extra)
+    with pytest.raises(_Stop):  # steps 0-4 ran (checkpoint after step 2, in module 1's phase), module 2 built its
+        train(cfg, tmp_path / "b", loader=_StopAfter(TensorLoader(num_clips=12, T=1, size=24), 5),  # input at 4
+              progress=False, echo=False)
+    assert (tmp_path / "b" / "gim_cache" / "module2" / "rank0_000000.safetensors").is_file()
+    resumed = train(cfg, tmp_path / "b", loader=TensorLoader(num_clips=12, T=1, size=24), progress=False, echo=False)
+    a, _, _ = model_from_checkpoint(straight["checkpoint"])
+    b, _, _ = model_from_checkpoint(resumed["checkpoint"])
+    for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
+        torch.testing.assert_close(vb, va, rtol=0, atol=0, msg=k)
+    logs = [json.loads(x) for x in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
+    assert [r.get("cache_hit") for r in logs] == [None, 0.0, 1.0, 1.0, 1.0, 1.0]  # after the resume: all read back
+    assert not (tmp_path / "a" / "gim_cache").exists() and not (tmp_path / "b" / "gim_cache").exists()
+
+
+def test_disk_cache_files_of_another_precision_or_unreadable_are_remade(tmp_path, one_thread):
+    """A file made under bf16 autocast is not read by an fp32 run (and the other way round); a corrupt file is
+    remade, not trusted."""
+    import dataclasses
+
+    (_, _), (model, ctx) = _cache_pair(tmp_path)
+    b = [_batch(n=2, seed=s) for s in range(2)]
+    bf16 = dataclasses.replace(ctx, autocast=lambda: torch.autocast("cpu", dtype=torch.bfloat16))
+    _step(model, bf16, 0, b[0])
+    assert _step(model, bf16, 1, b[1])["cache_hit"] == 0.0
+    f = tmp_path / "cache" / "module1" / "rank0_000000.safetensors"
+    from safetensors import safe_open
+
+    with safe_open(str(f), framework="pt") as h:
+        assert h.get_tensor("x").dtype == torch.bfloat16
+    # step 3 replays module 1's file 0 (module_steps [1, 4, 3], cache_batches 2): under fp32 it is remade, then read
+    assert _step(model, ctx, 3, b[1])["cache_hit"] == 0.0
+    with safe_open(str(f), framework="pt") as h:
+        assert h.get_tensor("x").dtype == torch.float32
+    assert _step(model, ctx, 3, b[1])["cache_hit"] == 1.0
+    f.write_bytes(b"not a safetensors file")
+    assert _step(model, ctx, 3, b[1])["cache_hit"] == 0.0

@@ -61,7 +61,9 @@ moves between 1.72x and 2.03x from run to run with glibc's defaults.
 Rerun at 497050a with the disk-cache configurations (same command, quiet machine: nothing else running): tensors
 identical (427 / 200 / 147 / 159 MiB, 2.14x), resident 602 vs 320 MiB = 1.88x (largest-share ratio 1.32). Step
 time of the sequential modules with the frozen modules recomputed / read from the disk cache: module 1 1.44 / 1.06 s
-(1.36x), module 2 2.75 / 2.25 s (1.22x), at equal memory (cache 258 / 255 MiB resident vs 271 / 302). Pipelined with
+(1.36x), module 2 2.75 / 2.25 s (1.22x), with no more memory (cache 258 / 255 MiB resident vs 271 / 302). A best
+case: one timed step that reads one cached batch, written by the warm-up step just before (from the page cache, not
+the disk). Pipelined with
 2 threads on the otherwise idle 2 cores: 2.03x joint's throughput (1.03x in the run above, with another job on the
 second core).
 

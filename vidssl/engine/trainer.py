@@ -448,6 +448,9 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: str | Path | None = No
             last_ckpt = _save(out_dir, model, opts, scalers, gen, step, config_dict, cfg.train.keep_checkpoints,
                               dist_info)
     bar.close()
+    if step == total:  # after the final checkpoint: what an objective kept for a resume is no longer needed
+        for obj in model.objectives.values():
+            obj.on_train_end(out_dir)
     for ld in loaders.values():  # the GPU path's decode sessions hold threads and open decoders
         getattr(ld, "close", lambda: None)()
     barrier()

@@ -25,12 +25,16 @@ Modes (``mode``):
   module m's phase (m >= 1) each step's input to module m is written to ``<cache_dir>/module<m>/`` (safetensors,
   written atomically; default folder ``<run>/gim_cache``); later steps of the phase replay those inputs in order and
   ignore the batch the stream drew (no frozen module runs at all). Module m's k-th input is made from module m-1's
-  k-th cached input by one frozen pass of module m-1 (only the first phase's cache reads the stream's batches), so
-  every phase after module 0 trains on the same ``cache_batches`` batches for ``module_steps[m] / cache_batches``
-  epochs: the trade of every feature cache (no fresh augmentation after the first pass). Each file records a
-  fingerprint of the frozen weights it was made with; a file that does not match (a stale folder, another run) is
-  remade, so a resumed run reuses its cache and never reads another run's. A phase's files are deleted once the next
-  phase has read them, the last phase's at the run's last step. Each DDP rank caches its own batches.
+  k-th cached input by one frozen pass of module m-1 where that file exists (it does when module m-1 trained for at
+  least k+1 steps); otherwise from the stream's batch through every frozen module. So the phases after module 0 train
+  on the same ``cache_batches`` batches for ``module_steps[m] / cache_batches`` epochs: the trade of every feature
+  cache (no fresh augmentation after the first pass). Each file records a fingerprint of the frozen weights and of
+  the autocast precision it was made with; a file that does not match (a stale folder, another run, another
+  precision) or does not read is remade. Every file is kept until the run's final checkpoint is written
+  (:meth:`on_train_end` then removes them), so a resume into any phase reads the inputs the interrupted run used.
+  Disk: ``cache_batches`` input maps per module after the first, per DDP rank (each rank caches its own batches):
+  e.g. 64 x 24.5 MiB + 64 x 12 MiB for ``gim_resnet34`` at batch 8, 64 px in fp32. Two runs must not share a
+  ``cache_dir`` while both train.
 
 Memory, in every mode and in end-to-end :class:`~vidssl.models.cpc.CPC` alike (the same trunk code, so
 ``tools/bench_gim.py`` compares like with like): channels-last patches (no oneDNN reorder copies inside each
@@ -452,7 +456,7 @@ class GIM(Objective):
         self.module_ends = [sum(steps[: i + 1]) for i in range(m)]  #: sequential: module i trains until this step
         self.groups = [list(g) for g in _chunks(m, workers)] if mode == "pipelined" else [list(range(m))]
         self.cache, self.cache_batches, self.cache_dir = cache, cache_batches, cache_dir
-        self._fingerprints: dict[int, str] = {}  # cache disk: module m -> fingerprint of modules 0..m-1's weights
+        self._fingerprints: dict[tuple[int, str], str] = {}  # cache disk: (module, precision) -> fingerprint
         self._inflight: dict[int, Any] = {}  # pipelined: one slot per group > 0 (detached input of the group)
         self._pool: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
@@ -592,21 +596,29 @@ class GIM(Objective):
         logs.update(loss=float(loss.detach()), active_module=float(active))
         if cached is not None:
             logs["cache_hit"] = float(cached)
-        if self.cache == "disk" and ctx.step == self.module_ends[-1] - 1:  # the run's last step: nothing reads them
-            for m in range(1, len(self.blocks)):
-                folder = self._cache_folder(m, ctx)
-                for f in folder.glob(f"{self._cache_rank()}_*.safetensors"):
-                    f.unlink(missing_ok=True)
-                with contextlib.suppress(OSError):  # another rank's files may still be there
-                    folder.rmdir()
         return logs
 
     # -------------------------------------------------------------------- the disk cache (sequential)
-    def _cache_folder(self, m: int, ctx: StepContext) -> Path:
+    def on_train_end(self, work_dir: Path | None) -> None:
+        """``cache: disk``: remove this rank's cache files (and temporary files a killed write left), then the
+        folders if no other rank's files remain."""
+        if self.cache != "disk" or not (self.cache_dir or work_dir is not None):
+            return
+        rank = self._cache_rank()
+        for m in range(1, len(self.blocks)):
+            folder = self._cache_folder(m, work_dir)
+            for f in [*folder.glob(f"{rank}_*.safetensors"), *folder.glob(f".{rank}_*.tmp")]:
+                f.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # absent, or another rank's files are still there
+                folder.rmdir()
+        with contextlib.suppress(OSError):
+            self._cache_folder(1, work_dir).parent.rmdir()
+
+    def _cache_folder(self, m: int, work_dir: Path | None) -> Path:
         if self.cache_dir:
             root = Path(self.cache_dir)
-        elif ctx.work_dir is not None:
-            root = Path(ctx.work_dir) / "gim_cache"
+        elif work_dir is not None:
+            root = Path(work_dir) / "gim_cache"
         else:
             raise RuntimeError("gim cache: disk needs a folder: set cache_dir (library use without a run folder)")
         return root / f"module{m}"
@@ -615,43 +627,48 @@ class GIM(Objective):
     def _cache_rank() -> str:
         return f"rank{dist.get_rank() if dist.is_available() and dist.is_initialized() else 0}"
 
-    def _fingerprint(self, m: int) -> str:
-        """Hash of the weights module ``m``'s cached input was made with (modules ``0 .. m-1``, frozen in m's phase)."""
-        if m not in self._fingerprints:
-            h = hashlib.sha256(f"{m} {self.patch} {self.patch_stride}".encode())
+    def _fingerprint(self, m: int, precision: str) -> str:
+        """Hash of what module ``m``'s cached input was made with: the weights of modules ``0 .. m-1`` (frozen in m's
+        phase), the patch grid and the autocast ``precision``."""
+        if (m, precision) not in self._fingerprints:
+            h = hashlib.sha256(f"{m} {self.patch} {self.patch_stride} {precision}".encode())
             for i in range(m):
                 for part in self.blocks[i].parts():
                     for t in list(part.parameters()) + list(part.buffers()):
                         h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
-            self._fingerprints[m] = h.hexdigest()  # modules 0 .. m-1 no longer change once module m trains
-        return self._fingerprints[m]
+            self._fingerprints[(m, precision)] = h.hexdigest()  # modules 0 .. m-1 no longer change in m's phase
+        return self._fingerprints[(m, precision)]
 
-    def _read_cache(self, path: Path, m: int, device: torch.device):
-        """``(x, grid)`` from a cache file made with the current frozen weights, else ``None``."""
+    def _read_cache(self, path: Path, fingerprint: str, device: torch.device):
+        """``(x, grid)`` from a cache file with this ``fingerprint``, else ``None``."""
         if not path.is_file():
             return None
         try:
             with safe_open(str(path), framework="pt", device="cpu") as f:
                 meta = f.metadata() or {}
-                if meta.get("fingerprint") != self._fingerprint(m):
+                if meta.get("fingerprint") != fingerprint:
                     return None
                 x = f.get_tensor("x")
-        except Exception:  # a file safetensors cannot read (e.g. written on a full disk) is remade, not trusted
+            grid = tuple(int(v) for v in meta["grid"].split(","))
+        except Exception:  # a file that does not read (e.g. written on a full disk) is remade, not trusted
             return None
-        grid = tuple(int(v) for v in meta["grid"].split(","))
-        return x.to(device).contiguous(memory_format=torch.channels_last), grid  # (n g) C h w
+        return x.contiguous(memory_format=torch.channels_last).to(device), grid  # (n g) C h w
 
     def _cached_input(self, m: int, batch: dict, ctx: StepContext) -> tuple[torch.Tensor, tuple[int, int], bool]:
         """Module ``m``'s input at this step from the disk cache: ``(x, grid, hit)``."""
         k = (ctx.step - self.module_ends[m - 1]) % self.cache_batches
         rank = self._cache_rank()
-        path = self._cache_folder(m, ctx) / f"{rank}_{k:06d}.safetensors"
+        path = self._cache_folder(m, ctx.work_dir) / f"{rank}_{k:06d}.safetensors"
         device = next(self.heads[m].parameters()).device
-        hit = self._read_cache(path, m, device)
+        with ctx.autocast():
+            precision = str(torch.get_autocast_dtype(device.type)) if torch.is_autocast_enabled(device.type) else "off"
+        hit = self._read_cache(path, self._fingerprint(m, precision), device)
         if hit is not None:
             return *hit, True
-        prev_path = self._cache_folder(m - 1, ctx) / f"{rank}_{k:06d}.safetensors"
-        prev = self._read_cache(prev_path, m - 1, device) if m > 1 else None
+        prev = None
+        if m > 1:
+            prev_path = self._cache_folder(m - 1, ctx.work_dir) / f"{rank}_{k:06d}.safetensors"
+            prev = self._read_cache(prev_path, self._fingerprint(m - 1, precision), device)
         if prev is not None:  # module m-1's cached input: one frozen pass of module m-1
             x, grid = prev
             x = self._frozen(range(m - 1, m), x, ctx)
@@ -660,10 +677,8 @@ class GIM(Objective):
             x = self._frozen(range(m), x, ctx)
         with atomic_path(path) as tmp:
             save_file({"x": x.detach().cpu().contiguous()}, str(tmp),
-                      metadata={"fingerprint": self._fingerprint(m), "grid": f"{grid[0]},{grid[1]}",
+                      metadata={"fingerprint": self._fingerprint(m, precision), "grid": f"{grid[0]},{grid[1]}",
                                 "step": str(ctx.step)})
-        if prev is not None:
-            prev_path.unlink(missing_ok=True)  # read for the last time: module m-1 no longer trains
         return x, grid, False
 
     def _pipelined(self, batch: dict, ctx: StepContext) -> dict[str, float]:

@@ -125,6 +125,10 @@ class Objective(nn.Module):
         """Custom-step objectives: ``{name: optimizer}``; ``build(groups)`` makes one from ``optim:`` settings."""
         return {"main": build([{"params": [p for p in self.parameters() if p.requires_grad]}])}
 
+    def on_train_end(self, work_dir: Path | None) -> None:
+        """Called on every rank once the run's final checkpoint is written (default: nothing); an objective removes
+        files it kept for a resume here (``work_dir``: the run folder, as in :class:`StepContext`)."""
+
     def training_step(self, batch: dict[str, Any], ctx: StepContext) -> dict[str, float]:
         """Custom-step objectives: forward, backward and step the optimisers; return logs with a ``"loss"``."""
         raise TypeError(f"{type(self).__name__}: custom_step is True but training_step is not defined")
