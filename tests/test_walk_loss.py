@@ -118,3 +118,13 @@ def test_crw_step_on_cuda_with_a_cuda_generator():
     loss, logs = model({"video": torch.randn(2, 4, 3, 128, 128, device=dev)}, generator=g)
     loss.backward()
     assert torch.isfinite(loss) and loss.device.type == "cuda"
+
+
+def test_walk_is_float32_under_bf16_autocast():
+    """The walk (T-1 matrix products and their logs) runs in float32 whatever autocast asks for."""
+    q = F.normalize(torch.randn(2, 4, 9, 8, generator=torch.Generator().manual_seed(4)), dim=-1).bfloat16()
+    ref, _ = walk_loss(q.float(), temperature=0.05, edge_dropout=0.0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _ = walk_loss(q, temperature=0.05, edge_dropout=0.0)
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-6)

@@ -83,7 +83,8 @@ def walk_loss(q: torch.Tensor, *, temperature: float = 0.05, edge_dropout: float
     Returns:
         ``(loss, logs)``: the mean over palindrome lengths of the mean over batch and start nodes of
         ``-log Q_k[i, i]``; logs hold the loss and return accuracy of each length (``xent_k``, ``acc_k``).
-        With uniform affinities the loss is ``log N``.
+        With uniform affinities the loss is ``log N``. The walk is computed with autocast off, in float32 for a
+        float16 / bfloat16 ``q``.
     """
     if q.ndim != 4:
         raise ValueError(f"q must be (B, T, N, D), got shape {tuple(q.shape)}")
@@ -91,17 +92,21 @@ def walk_loss(q: torch.Tensor, *, temperature: float = 0.05, edge_dropout: float
     if T < min_length + 1:
         raise ValueError(f"a clip of T={T} frames has no palindrome of length >= {min_length}; "
                          f"need T >= {min_length + 1}")
-    P_fwd, P_bwd = transition_matrices(q, temperature=temperature, edge_dropout=edge_dropout, generator=generator)
-    returns = palindrome_returns(P_fwd, P_bwd, min_length=min_length)
     target = torch.arange(N, device=q.device).repeat(B)  # (B*N,)
     losses, logs = [], {}
-    for k, Q in zip(range(min_length, T), returns):
-        logp = einops.rearrange(torch.log(Q + _EPS), "b n m -> (b n) m")
-        xent = F.nll_loss(logp, target)
-        losses.append(xent)
-        logs[f"xent_{k}"] = float(xent.detach())
-        logs[f"acc_{k}"] = float((logp.argmax(-1) == target).float().mean())
-    loss = torch.stack(losses).mean()
+    # float32 with autocast off: under bf16 the products of T-1 stochastic matrices and their logs lose precision
+    with torch.autocast(q.device.type, enabled=False):
+        q = q.float() if q.dtype in (torch.float16, torch.bfloat16) else q  # float64 stays float64
+        P_fwd, P_bwd = transition_matrices(q, temperature=temperature, edge_dropout=edge_dropout,
+                                           generator=generator)
+        returns = palindrome_returns(P_fwd, P_bwd, min_length=min_length)
+        for k, Q in zip(range(min_length, T), returns):
+            logp = einops.rearrange(torch.log(Q + _EPS), "b n m -> (b n) m")
+            xent = F.nll_loss(logp, target)
+            losses.append(xent)
+            logs[f"xent_{k}"] = float(xent.detach())
+            logs[f"acc_{k}"] = float((logp.argmax(-1) == target).float().mean())
+        loss = torch.stack(losses).mean()
     logs["loss"] = float(loss.detach())
     logs["log_n"] = math.log(N)
     return loss, logs
