@@ -46,3 +46,17 @@ def test_random_init_is_scored_in_the_trained_curriculum_stage(tmp_path, one_thr
     assert tool.align_schedules(trained, fresh) == ["objectives.dpc.step"]
     after = tool.mean_logs(fresh, [batch], seed=0)
     assert after["dpc/pred_steps"] == tool.mean_logs(trained, [batch], seed=0)["dpc/pred_steps"] == 2.0
+
+
+def test_static_batches_repeat_each_clips_first_frame(one_thread):
+    from vidssl.engine import resolve_run_config
+
+    tool = _tool()
+    cfg = resolve_run_config(None, ["data.source=synthetic", "data.clip_len=3", "data.crop_size=32",
+                                    "data.synth_videos=2", "data.synth_frames=6", "data.synth_size=[48, 48]"])
+    moving = tool.heldout_batches(cfg, num_batches=1, batch_size=2, seed=0)[0]["video"]  # b t c h w
+    static = tool.heldout_batches(cfg, num_batches=1, batch_size=2, seed=0, static=True)[0]["video"]
+    assert static.shape == moving.shape
+    assert not torch.equal(moving[:, 1], moving[:, 0])  # the synthetic clip moves ...
+    for t in range(static.shape[1]):
+        assert torch.equal(static[:, t], moving[:, 0])  # ... its static version is frame 0 throughout

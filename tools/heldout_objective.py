@@ -45,8 +45,13 @@ from vidssl.engine.checkpoint import resolve_checkpoint
 from vidssl.io.atomic import atomic_write_text
 
 
-def heldout_batches(cfg, *, num_batches: int, batch_size: int, seed: int) -> list[dict[str, Any]]:
-    """The first ``num_batches`` batches of every stream of ``cfg`` (main first), loaders seeded with ``seed``."""
+def heldout_batches(cfg, *, num_batches: int, batch_size: int, seed: int, static: bool = False
+                    ) -> list[dict[str, Any]]:
+    """The first ``num_batches`` batches of every stream of ``cfg`` (main first), loaders seeded with ``seed``.
+
+    ``static``: every frame of each main-stream clip is replaced by the clip's first frame (``batch["video"]``,
+    ``(B, T, C, H, W)``): no motion and no crop change, so what remains of a correspondence pretext is telling one
+    frame's own nodes apart."""
     loaders = {name: build_loader(data, batch_size=batch_size, seed=seed)
                for name, data in cfg.stream_configs().items()}
     iters = {name: iter(ld) for name, ld in loaders.items()}
@@ -61,6 +66,9 @@ def heldout_batches(cfg, *, num_batches: int, batch_size: int, seed: int) -> lis
                 iters[name] = iter(loaders[name])
                 drawn[name] = next(iters[name])
         batch = drawn.pop("main")
+        if static:
+            video = batch["video"]  # b t c h w
+            batch = {**batch, "video": video[:, :1].expand_as(video).contiguous()}
         out.append({**batch, "streams": drawn} if drawn else batch)
     return out
 
@@ -100,21 +108,21 @@ def mean_logs(model: torch.nn.Module, batches: list[dict[str, Any]], *, seed: in
 
 
 def evaluate(checkpoint: str | Path, overrides: list[str], *, num_batches: int = 20, batch_size: int = 0,
-             seed: int = 0) -> dict[str, Any]:
+             seed: int = 0, static: bool = False) -> dict[str, Any]:
     """Held-out mean logs of the checkpoint's model and of its architecture at random init (see module docstring)."""
     ckpt = resolve_checkpoint(checkpoint)
     trained, cfg, step = model_from_checkpoint(ckpt)
     stored = to_dict(cfg)
     heldout = resolve_run_config(base=apply_overrides(stored, list(overrides)))
     bs = batch_size or cfg.train.batch_size
-    batches = heldout_batches(heldout, num_batches=num_batches, batch_size=bs, seed=seed)
+    batches = heldout_batches(heldout, num_batches=num_batches, batch_size=bs, seed=seed, static=static)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.train.seed)  # the trainer's initialisation of the same run config
         random_init = build_training_model(cfg)
     aligned = align_schedules(trained, random_init)
     obj_seed = seed * 1_000_003  # the trainer's objective-generator scheme (rank 0)
     return {"checkpoint": str(ckpt), "step": step, "batches": num_batches, "batch_size": bs, "seed": seed,
-            "schedules_aligned": aligned, "data": to_dict(heldout.data),
+            "static": static, "schedules_aligned": aligned, "data": to_dict(heldout.data),
             "trained": mean_logs(trained, batches, seed=obj_seed),
             "random_init": mean_logs(random_init, batches, seed=obj_seed)}
 
@@ -128,6 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batches", type=int, default=20, help="held-out batches averaged (default 20)")
     ap.add_argument("--batch-size", type=int, default=0, help="clips per batch (default: the run's train.batch_size)")
     ap.add_argument("--seed", type=int, default=0, help="loader and objective-generator seed (default 0)")
+    ap.add_argument("--static", action="store_true",
+                    help="repeat each clip's first frame over the whole clip (no motion): a correspondence pretext's "
+                         "score when only one frame's own nodes must be told apart")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     ap.add_argument("--out", default="", help="also write the JSON here (atomically)")
     args = ap.parse_args(argv)
@@ -135,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--batches: must be >= 1")
     torch.set_num_threads(args.threads)
     result = evaluate(args.checkpoint, args.overrides, num_batches=args.batches, batch_size=args.batch_size,
-                      seed=args.seed)
+                      seed=args.seed, static=args.static)
     text = json.dumps(result, indent=2) + "\n"
     if args.out:
         atomic_write_text(args.out, text)
