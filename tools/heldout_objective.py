@@ -23,6 +23,10 @@ Example (held-out DAVIS sequences; prints and writes JSON)::
     python tools/heldout_objective.py --checkpoint runs/moco_sample \\
         --set data.sequences=[dog-agility,rollerblade,motorbike,surf] --batches 20 --out runs/moco_sample/heldout.json
 
+``--static`` replaces every frame of a clip by its first frame: a correspondence pretext (CRW's walk) then only has
+to tell one frame's own nodes apart, which separates "cannot match across motion" from "cannot tell nodes apart".
+In eval mode a random init's BatchNorm still has its initial running statistics, so its score there says little.
+
 Output: ``{"checkpoint", "step", "batches", "batch_size", "seed", "schedules_aligned", "data", "trained": {key: mean},
 "random_init": {key: mean}}``, keys as the training log writes them (``<objective>/mi_bound_nats``, ...).
 """
