@@ -32,13 +32,16 @@ class ShardedLoader:
             yield {"video": self.clips[idx]}
 
 
+#: the tiny CRW run both twins train (the test rebuilds its initial weights from these)
+OVERRIDES = [
+    "model.out_layer=layer2", "model.eval_layer=layer2", "model.norm=group", "data.clip_len=3",
+    "objectives.0.patch_size=16", "objectives.0.patch_stride=8", "objectives.0.edge_dropout=0.0",
+    "objectives.0.patch_jitter=null", "train.batch_size=4", "train.steps=3", "optim.name=sgd", "optim.lr=0.05",
+    "optim.momentum=0.9", "train.device=cpu"]
+
+
 if __name__ == "__main__":
     torch.set_num_threads(1)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    cfg = resolve_run_config(None, [
-        "model.out_layer=layer2", "model.eval_layer=layer2", "model.norm=group", "data.clip_len=3",
-        "objectives.0.patch_size=16", "objectives.0.patch_stride=8", "objectives.0.edge_dropout=0.0",
-        "objectives.0.patch_jitter=null", "train.batch_size=4", "train.steps=3", "optim.name=sgd", "optim.lr=0.05",
-        "optim.momentum=0.9",
-        "train.device=cpu"])
+    cfg = resolve_run_config(None, OVERRIDES)
     train(cfg, sys.argv[1], loader=ShardedLoader(rank, world), progress=False, echo=False)

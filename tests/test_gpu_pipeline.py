@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 import types
+from concurrent.futures import Future
 from pathlib import Path
 
 import numpy as np
@@ -325,6 +326,33 @@ def test_consumer_stopping_early_shuts_the_threads_down(videos):
     while threading.active_count() > before and time.monotonic() < deadline:
         time.sleep(0.02)
     assert threading.active_count() == before
+
+
+def test_a_dropped_pipeline_ends_its_threads(videos):
+    """Without close(), collecting the pipeline stops its sessions: stray threads holding FFmpeg state make any later
+    fork in the process unsafe (a DataLoader worker or a multiprocessing pool then hangs)."""
+    pipe = pipeline(dataset(videos), sessions=2)  # the default open_fn: no bound method keeps the pipeline alive
+    assert len(list(pipe.iterate(BATCHES))) == 3
+    threads = [s._thread for s in pipe._sessions]
+    assert all(t.is_alive() for t in threads)
+    del pipe
+    deadline = time.monotonic() + 5
+    while any(t.is_alive() for t in threads) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not any(t.is_alive() for t in threads)
+
+
+def test_a_dead_producer_or_session_raises_instead_of_hanging(videos):
+    pipe = pipeline(dataset(videos), sessions=1)
+    pipe._produce = lambda *args: None  # ends without a batch, an end marker or an error
+    with pytest.raises(PipelineError, match="producer thread ended"):
+        list(pipe.iterate(BATCHES))
+    s = pipe._sessions[0]
+    s.stop()
+    s._thread.join()
+    with pytest.raises(PipelineError, match="thread ended without finishing"):
+        s.result(Future(), poll=0.05)  # a job that nobody will run
+    pipe.close()
 
 
 # ----------------------------------------------------------------------------------------------- errors

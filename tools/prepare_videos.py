@@ -32,7 +32,7 @@ import sys
 import time
 import traceback
 from fractions import Fraction
-from multiprocessing import get_all_start_methods, get_context
+from multiprocessing import get_context
 from pathlib import Path
 from typing import Sequence
 
@@ -261,9 +261,9 @@ def prepare(src: str | os.PathLike, out: str | os.PathLike, *, mode: str, worker
         results = map(_job, jobs)
         pool = None
     else:
-        # fork is cheap (no re-import of torch); the parent has opened no decoder, so no FFmpeg thread is inherited
-        method = "fork" if "fork" in get_all_start_methods() else "spawn"
-        pool = get_context(method).Pool(workers)
+        # spawn, never fork: a forked child inherits FFmpeg's thread pools mid-state from a caller that has decoded
+        # or converted frames before (libswscale's slice threads: the child then blocks for ever freeing them)
+        pool = get_context("spawn").Pool(workers)
         results = pool.imap_unordered(_job, jobs)
     try:
         for path, err, _ in results:

@@ -33,9 +33,11 @@ use to check grouping, caching, concurrency, order and prefetch.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import queue
 import threading
+import weakref
 from collections import OrderedDict
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -197,6 +199,19 @@ class DecodeSession:
         self._jobs.put(None)
         self._thread.join()
 
+    def stop(self) -> None:
+        """Ask the thread to end after its queued jobs, without waiting (safe from a garbage-collector callback)."""
+        self._jobs.put(None)
+
+    def result(self, future: Future, poll: float = 1.0):
+        """``future.result()``, but a thread that died without answering raises instead of waiting for ever."""
+        while True:
+            try:
+                return future.result(timeout=poll)
+            except TimeoutError:
+                if not self._thread.is_alive() and not future.done():
+                    raise PipelineError(f"decode session {self.ident}: its thread ended without finishing a job")
+
     def _run(self) -> None:
         try:
             while True:
@@ -306,14 +321,19 @@ class ClipPipeline:
         self.prefetch = prefetch
         self.group_size = group_size
         self.open_penalty = open_penalty
-        self.open_fn = open_fn or self._default_open
+        # not a bound method: the session threads hold open_fn, and must not keep the pipeline alive
+        self.open_fn = open_fn or functools.partial(_open_dataset_reader, dataset)
         self.stats = PipelineStats()
         self._sessions: list[DecodeSession] = []  # kept across iterate() calls (epochs): their decoders stay open
+        # a pipeline dropped without close() still ends its threads (and their open decoders) when collected: a
+        # process with stray threads is unsafe to fork (DataLoader workers, multiprocessing pools)
+        self._finalizer = weakref.finalize(self, _stop_sessions, self._sessions)
         self._closed_calls, self._closed_cache = 0, CacheStats()  # counts of sessions already closed
 
     def close(self) -> None:
         """Stop the decode sessions and close their readers (a later :meth:`iterate` starts new ones)."""
-        sessions, self._sessions = self._sessions, []
+        sessions = list(self._sessions)
+        self._sessions.clear()  # the same list object: the finalizer holds it
         for s in sessions:
             s.close()
         self._update_stats(sessions)
@@ -327,12 +347,6 @@ class ClipPipeline:
             self.stats.cache = self._closed_cache.add(cache)
         if sessions and not self._sessions:  # closed: fold their counts into the base
             self._closed_calls, self._closed_cache = self.stats.decode_calls, self.stats.cache
-
-    def _default_open(self, path: str) -> FrameReader:
-        from vidssl.io.readers import open_reader
-
-        ds = self.dataset
-        return open_reader(path, backend=ds.backend, device=ds.device, threads=ds.decode_threads)
 
     # -- scheduling (producer thread) ---------------------------------------------------------------------------
 
@@ -363,10 +377,10 @@ class ClipPipeline:
         return [(g, sessions[k].submit(g), k) for g, k in zip(groups, self._assign(groups, load, affinity))]
 
     def _collect(self, batch: Sequence[int], pending: list[tuple[ClipGroup, Future, int]], load: list[int],
-                 stream) -> dict:
+                 stream, sessions: list[DecodeSession]) -> dict:
         loaded: list[LoadedClip | None] = [None] * len(batch)
         for group, fut, k in pending:
-            decoded: _Decoded = fut.result()  # a PipelineError names the file
+            decoded: _Decoded = sessions[k].result(fut)  # a PipelineError names the file
             load[k] -= len(group.items)
             if decoded.event is not None:
                 stream.wait_event(decoded.event)  # the session's writes come before our reads (no host sync)
@@ -417,7 +431,7 @@ class ClipPipeline:
                     current = pending
                     # decode the next batch's groups while this one is collected and augmented
                     pending = self._submit(batches[k + 1], sessions, load, affinity) if k + 1 < len(batches) else []
-                    item = self._collect(batch, current, load, stream)
+                    item = self._collect(batch, current, load, stream, sessions)
                     event = None
                     if stream is not None:
                         event = torch.cuda.Event()
@@ -446,9 +460,9 @@ class ClipPipeline:
         them."""
         batches = [list(b) for b in batches]
         if not self._sessions:
-            self._sessions = [DecodeSession(k, self.dataset, device=self.device, cache_size=self.cache_size,
-                                            open_fn=self.open_fn) for k in range(self.sessions)]
-        sessions = self._sessions
+            self._sessions.extend(DecodeSession(k, self.dataset, device=self.device, cache_size=self.cache_size,
+                                                open_fn=self.open_fn) for k in range(self.sessions))
+        sessions = list(self._sessions)
         out: queue.Queue = queue.Queue(maxsize=self.prefetch)
         stop = threading.Event()
         consumed = [0]
@@ -457,7 +471,12 @@ class ClipPipeline:
         producer.start()
         try:
             while True:
-                item, event = out.get()
+                try:
+                    item, event = out.get(timeout=1.0)
+                except queue.Empty:
+                    if producer.is_alive() or not out.empty():
+                        continue
+                    raise PipelineError("the batch producer thread ended without a result or an error") from None
                 if item is None:
                     return
                 if isinstance(item, BaseException):
@@ -484,5 +503,18 @@ class ClipPipeline:
     def _drain(sessions: list[DecodeSession]) -> None:
         """Wait until every session has finished its queued jobs (those of batches nobody will consume)."""
         for s in sessions:
-            s.submit(None).result()
+            s.result(s.submit(None))
+
+
+def _open_dataset_reader(ds: ClipDataset, path: str) -> FrameReader:
+    """The default ``open_fn``: :func:`vidssl.io.readers.open_reader` with the dataset's backend, device, threads."""
+    from vidssl.io.readers import open_reader
+
+    return open_reader(path, backend=ds.backend, device=ds.device, threads=ds.decode_threads)
+
+
+def _stop_sessions(sessions: list[DecodeSession]) -> None:
+    """Finalizer of a :class:`ClipPipeline`: end its sessions' threads (they close their readers on the way out)."""
+    for s in sessions:
+        s.stop()
 
