@@ -90,6 +90,9 @@ def _lookup(cfg: dict, key: str):
 
 
 def _same(stated: str, actual) -> bool:
+    if isinstance(actual, (list, tuple)):  # written without spaces: [0.8,0.95]
+        items = [v for v in stated.strip("[]()").split(",") if v]
+        return len(items) == len(actual) and all(_same(v, a) for v, a in zip(items, actual))
     if isinstance(actual, bool):
         return stated.lower() == str(actual).lower()
     if isinstance(actual, (int, float)):
