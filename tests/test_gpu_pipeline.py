@@ -313,19 +313,26 @@ def test_prefetch_runs_ahead_by_at_most_the_bound(videos):
     assert max(ahead) == 2  # and it does run ahead: batches k+1, k+2 were ready while step k ran
 
 
+def own_threads(before: set) -> list[threading.Thread]:
+    """Live threads started since ``before`` (a set of threads): counting all threads would see other tests'
+    dropped pipelines end theirs at any time."""
+    return [t for t in threading.enumerate() if t not in before]
+
+
 def test_consumer_stopping_early_shuts_the_threads_down(videos):
-    before = threading.active_count()
+    before = set(threading.enumerate())
     pipe = pipeline(dataset(videos), sessions=3, prefetch=1)
     for k, _ in enumerate(pipe.iterate(BATCHES * 3)):
         if k == 1:
             break
-    assert threading.active_count() == before + 3  # the producer is gone; the sessions stay for the next epoch
-    assert len(list(pipe.iterate(BATCHES))) == 3  # and serve it
+    sessions = {s._thread for s in pipe._sessions}
+    assert len(sessions) == 3 and set(own_threads(before)) == sessions  # the producer is gone; the sessions stay
+    assert len(list(pipe.iterate(BATCHES))) == 3  # and serve the next epoch
     pipe.close()
     deadline = time.monotonic() + 5
-    while threading.active_count() > before and time.monotonic() < deadline:
+    while own_threads(before) and time.monotonic() < deadline:
         time.sleep(0.02)
-    assert threading.active_count() == before
+    assert not own_threads(before)
 
 
 def test_a_dropped_pipeline_ends_its_threads(videos):
@@ -360,13 +367,13 @@ def test_a_dead_producer_or_session_raises_instead_of_hanging(videos):
 def test_worker_error_surfaces_with_the_file_name(videos):
     ds = dataset(videos)
     rec = Recorder(pyav_open, fail={"v1.mp4": ValueError("boom in the decoder")})
-    before = threading.active_count()
+    before = set(threading.enumerate())
     pipe = pipeline(ds, sessions=2, open_fn=rec)
     with pytest.raises(PipelineError, match=r"v1\.mp4.*items \[4\].*ValueError: boom in the decoder"):
         list(pipe.iterate(BATCHES))
     pipe.close()
     time.sleep(0.1)
-    assert threading.active_count() == before
+    assert not own_threads(before)
 
 
 def test_unreadable_file_is_skipped_like_the_per_item_path(videos, tmp_path):
