@@ -196,7 +196,7 @@ class DecodeSession:
 
     def close(self) -> None:
         """Finish the queued jobs, stop the thread, close the cached readers."""
-        self._jobs.put(None)
+        self.stop()
         self._thread.join()
 
     def stop(self) -> None:
