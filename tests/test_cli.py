@@ -7,7 +7,7 @@ import pytest
 
 from vidssl.cli import main
 
-# the demo recipe (configs/mast_demo.yaml) shrunk: MAST on a stride-4 encoder, bf16 autocast where native
+# the demo recipe (configs/mast_demo.yaml) shrunk: MAST on the stride-4 encoder ended at layer2, bf16 autocast where native
 TINY = ["data.synth_videos=4", "data.synth_frames=6", "data.synth_size=[64, 64]", "data.crop_size=32",
         "data.clips_per_video=1", "train.batch_size=2", "train.steps=2", "train.log_every=1"]
 
@@ -43,7 +43,10 @@ def test_pretrain_end_to_end_with_demo_evaluation(tmp_path, capsys):
     assert main(["propagate", "--checkpoint", str(out), "--davis-root", str(root), "--out", str(tmp_path / "p"),
                  "--no-progress"]) == 0
     m = json.loads((tmp_path / "p" / "metrics.json").read_text())
-    assert m["extra_info"]["source"] == "checkpoint" and m["hyperparameters"]["layer"] == "head"
+    # the demo's trunk ends at layer2 (model.out_layer): that stage is read and recorded, at stride 4
+    assert config["model"]["out_layer"] == "layer2"
+    assert m["extra_info"]["source"] == "checkpoint" and m["hyperparameters"]["layer"] == "layer2"
+    assert (m["extractor"]["stride"], m["extractor"]["channels"]) == (4, 128)
     # the random-init row is the trained encoder's step-0 weights, fed the colour space MAST trains on (Lab)
     rand = json.loads((out / "eval" / "random" / "metrics.json").read_text())["extra_info"]
     assert rand["source"] == "random-init" and rand["colour"] == "lab" and rand["seed"] == config["train"]["seed"]

@@ -168,3 +168,35 @@ def test_mast_encoder_shapes_and_official_state_dict():
     torch.testing.assert_close(other.head.weight, enc.head.weight + 1.0)
     with pytest.raises(ValueError, match="missing"):
         other.load_official_state_dict({"feature_extraction.conv1.0.weight": enc.conv1[0].weight})
+
+
+def test_truncated_mast_encoder_is_the_full_trunk_up_to_its_last_stage():
+    """``out_layer="layer2"``: the same seeded weights and outputs as the official encoder's first stages, nothing
+    after them built, and the truncated output is what every reader takes as the features."""
+    torch.manual_seed(0)
+    full = MASTEncoder().eval()
+    torch.manual_seed(0)
+    short = MASTEncoder(out_layer="layer2").eval()
+    assert short.layers == ("layer1", "layer2") and (short.out_channels, short.stride) == (128, 4)
+    assert not any(k.startswith(("layer3.", "layer4.", "head.")) for k in short.state_dict())
+    full_state = full.state_dict()
+    assert all(torch.equal(v, full_state[k]) for k, v in short.state_dict().items())
+    x = torch.rand(2, 3, 30, 42)
+    torch.testing.assert_close(short(x), full(x, upto="layer2"), rtol=0, atol=0)
+    assert short(x).shape == (2, 128, 8, 11) and short.channels_at("layer2") == 128
+    with pytest.raises(ValueError, match="built stages"):
+        short(x, upto="head")
+    with pytest.raises(ValueError, match="out_layer"):
+        MASTEncoder(out_layer="layer1")  # stride 2: not a correspondence encoder
+
+
+def test_model_config_truncates_mast_resnet18_and_refuses_layer1():
+    from vidssl.config import ConfigError
+    from vidssl.models.encoders import ModelConfig, build_model_encoder
+
+    assert build_model_encoder(ModelConfig(encoder="mast_resnet18")).layers[-1] == "head"  # layer4: the official
+    cfg = ModelConfig(encoder="mast_resnet18", out_layer="layer3")
+    cfg.validate()  # eval_layer (default layer3) does not apply: the encoder is read at its last stage
+    assert build_model_encoder(cfg).layers[-1] == "layer3"
+    with pytest.raises(ConfigError, match="model.out_layer"):
+        ModelConfig(encoder="mast_resnet18", out_layer="layer1").validate()

@@ -249,3 +249,28 @@ def test_mast_checkpoint_under_the_crw_preset_through_the_cli(tmp_path):
     assert metrics["preset"] == "crw" and metrics["hyperparameters"]["layer"] == "head"
     assert metrics["extractor"]["stride"] == 4 and metrics["extractor"]["colour"] == "lab"
     assert sorted(os.listdir(out / "a")) == [f"{t:05d}.png" for t in range(4)]
+
+
+@pytest.mark.parametrize("preset", ["crw", "mast"])
+def test_truncated_mast_checkpoint_propagates_from_its_last_stage(tmp_path, preset):
+    """A run with ``model.out_layer: layer2`` (the demo's truncated trunk) rebuilds from its checkpoint alone and is
+    read at layer2 (128 channels, stride 4) under a common and a window preset; the run records the layer."""
+    from vidssl.cli import main
+    from vidssl.engine.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    enc = MASTEncoder(out_layer="layer2")
+    config = {"name": "m", "model": {"encoder": "mast_resnet18", "out_layer": "layer2", "padding_mode": "zeros",
+                                     "colour": "lab"}, "objectives": [{"name": "mast", "params": {}}]}
+    save_checkpoint(tmp_path / "run", step=1, weights={"encoder." + k: v for k, v in enc.state_dict().items()},
+                    trainer_state={"step": 1}, config=config)
+    root = tmp_path / "davis"
+    _tiny_davis(root, ["a"])
+    out = tmp_path / "res"
+    assert main(["propagate", "--checkpoint", str(tmp_path / "run"), "--preset", preset, "--davis-root", str(root),
+                 "--year", "2016", "--split", "sample", "--out", str(out), "--no-progress"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["preset"] == preset and metrics["extractor"]["channels"] == 128
+    if preset == "crw":
+        assert metrics["hyperparameters"]["layer"] == "layer2" and metrics["extractor"]["stride"] == 4
+    assert sorted(os.listdir(out / "a")) == [f"{t:05d}.png" for t in range(4)]

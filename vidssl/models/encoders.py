@@ -151,8 +151,9 @@ class ModelConfig:
     """The shared frame encoder (the ``model:`` section of a recipe; all an evaluation needs from a checkpoint)."""
 
     #: a registered encoder: torchvision ResNets resnet18/34/50 (stride 8 with ``stride8``), or ``mast_resnet18``,
-    #: the CorrFlow/MAST stride-4 ResNet-18 (vidssl/models/mast_encoder.py; ``out_layer``/``eval_layer``/``stride8``
-    #: do not apply, its features are the 64-d ``head`` output); ``r2d3d18``/``r2d3d34``, DPC's 2d3d ResNet (blocks or
+    #: the CorrFlow/MAST stride-4 ResNet-18 (vidssl/models/mast_encoder.py; its features are the 64-d ``head``
+    #: output; ``out_layer: layer2`` or ``layer3`` instead ends the trunk there, without the head -- ours, a cheaper
+    #: encoder for CPU budgets; ``eval_layer``/``stride8`` do not apply); ``r2d3d18``/``r2d3d34``, DPC's 2d3d ResNet (blocks or
     #: frames, vidssl/models/r2d3d.py); ``gim_resnet50``/``gim_resnet34``, GIM's no-BN pre-activation trunk (stages
     #: layer1..layer3, vidssl/models/gim.py); ``resnet50v2`` (VIVI/VTAB/BiT's pre-activation ResNet-50 v2) and
     #: ``resnet18v2``/``resnet34v2`` (vidssl/models/resnet_v2.py; ``out_layer``/``eval_layer``/``stride8`` apply, each
@@ -169,6 +170,11 @@ class ModelConfig:
 
     def validate(self, prefix: str = "model") -> None:
         order = ["layer1", "layer2", "layer3", "layer4"]
+        if self.encoder == "mast_resnet18":  # reads its last built stage; eval_layer does not apply
+            if self.out_layer == "layer1":
+                raise ConfigError(f"{prefix}.out_layer: 'layer1' is at stride 2; mast_resnet18 ends at layer2, "
+                                  "layer3 (truncated, stride 4) or layer4 (the official encoder with its head)")
+            return
         if order.index(self.eval_layer) > order.index(self.out_layer):
             raise ConfigError(f"{prefix}.eval_layer: {self.eval_layer!r} comes after out_layer {self.out_layer!r}")
 
@@ -180,7 +186,7 @@ def _resnet(cfg: ModelConfig) -> nn.Module:
 def _mast(cfg: ModelConfig) -> nn.Module:
     from vidssl.models.mast_encoder import MASTEncoder
 
-    return MASTEncoder(padding_mode=cfg.padding_mode)
+    return MASTEncoder(padding_mode=cfg.padding_mode, out_layer="head" if cfg.out_layer == "layer4" else cfg.out_layer)
 
 
 def _r2d3d(cfg: ModelConfig) -> nn.Module:

@@ -5,6 +5,9 @@ Architecture (official code, ``models/submodule.py``): 7x7 conv stride 2 + BN + 
 (3x3 conv-BN-ReLU-3x3 conv-BN plus a 1x1 conv-BN shortcut when the shape changes, then ReLU); then a 3x3 conv
 256 -> 64 with bias (``head``). Output stride 4, 64 channels, features neither normalised nor temperature-scaled.
 
+Ours, not the papers': ``out_layer="layer2"`` or ``"layer3"`` builds the trunk only up to that stage (no head; its
+128 or 256 channels at stride 4 are the features), a cheaper encoder for CPU runs such as the demo recipe.
+
 Submodule names mirror the official ones (``conv1.0`` conv, ``conv1.1`` BN, blocks with ``left`` / ``shortcut``), so
 an official CorrFlow/MAST checkpoint loads with :meth:`MASTEncoder.load_official_state_dict`.
 """
@@ -19,6 +22,7 @@ import torch.nn as nn
 _LAYERS = ("layer1", "layer2", "layer3", "layer4", "head")
 _CHANNELS = {"layer1": 64, "layer2": 128, "layer3": 256, "layer4": 256}
 _STRIDES = {"layer1": 2, "layer2": 4, "layer3": 4, "layer4": 4, "head": 4}
+_TRUNCATIONS = ("layer2", "layer3", "head")  #: where the trunk may end (stride 4)
 
 
 class ResidualBlock(nn.Module):
@@ -55,17 +59,23 @@ class MASTEncoder(nn.Module):
         in_channels: input channels (3: RGB in [0, 1] for CorrFlow, normalised Lab for MAST).
         out_channels: channels of the final 3x3 conv (64).
         padding_mode: ``"zeros"`` (official) or ``"reflect"`` for the 3x3/7x7 convolutions.
+        out_layer: last stage built: ``"head"`` (official) or ``"layer2"`` / ``"layer3"`` (a truncated trunk whose
+            output is that stage's, at stride 4; ours, for CPU budgets).
 
-    Attributes: ``stride`` (4), ``out_channels`` (64), ``arch`` (``"mast_resnet18"``). ``forward(x, upto=...)`` stops
-    after ``"layer1"`` .. ``"layer4"`` or ``"head"`` (default: ``"head"``, the features used for correspondence).
+    Attributes: ``stride`` (4), ``out_channels`` (64; the stage's channels when truncated), ``arch``
+    (``"mast_resnet18"``). ``forward(x, upto=...)`` stops after an earlier built stage (default: the last, the
+    features used for correspondence).
     """
 
     arch = "mast_resnet18"
 
-    def __init__(self, *, in_channels: int = 3, out_channels: int = 64, padding_mode: str = "zeros") -> None:
+    def __init__(self, *, in_channels: int = 3, out_channels: int = 64, padding_mode: str = "zeros",
+                 out_layer: str = "head") -> None:
         super().__init__()
         if padding_mode not in ("zeros", "reflect"):
             raise ValueError(f"padding_mode: {padding_mode!r}; expected 'zeros' or 'reflect'")
+        if out_layer not in _TRUNCATIONS:
+            raise ValueError(f"out_layer: {out_layer!r}; expected one of {list(_TRUNCATIONS)} (stride-4 stages)")
         if in_channels < 1 or out_channels < 1:
             raise ValueError(f"in_channels/out_channels: must be >= 1, got {in_channels}, {out_channels}")
         self.padding_mode = padding_mode
@@ -75,24 +85,26 @@ class MASTEncoder(nn.Module):
             nn.BatchNorm2d(64),
             nn.ReLU(),
         )
-        self.layer1 = _make_layer(64, 64, 1, padding_mode)
-        self.layer2 = _make_layer(64, 128, 2, padding_mode)
-        self.layer3 = _make_layer(128, 256, 1, padding_mode)
-        self.layer4 = _make_layer(256, 256, 1, padding_mode)
-        self.head = nn.Conv2d(256, out_channels, 3, stride=1, padding=1, padding_mode=padding_mode)
-        self.out_channels = out_channels
+        self.layers: tuple[str, ...] = _LAYERS[: _LAYERS.index(out_layer) + 1]  #: stages built, in order
+        stages = {"layer1": lambda: _make_layer(64, 64, 1, padding_mode),
+                  "layer2": lambda: _make_layer(64, 128, 2, padding_mode),
+                  "layer3": lambda: _make_layer(128, 256, 1, padding_mode),
+                  "layer4": lambda: _make_layer(256, 256, 1, padding_mode),
+                  "head": lambda: nn.Conv2d(256, out_channels, 3, stride=1, padding=1, padding_mode=padding_mode)}
+        for name in self.layers:
+            self.add_module(name, stages[name]())
+        self.out_channels = out_channels if out_layer == "head" else _CHANNELS[out_layer]
         self.stride = 4
-        self.layers: tuple[str, ...] = _LAYERS  #: stages, in order
 
     def forward(self, x: torch.Tensor, *, upto: str | None = None) -> torch.Tensor:
         """``x: (B, in_channels, H, W)`` -> ``(B, C, h, w)``; ``upto`` stops after an earlier stage."""
-        stop = upto or "head"
-        if stop not in _LAYERS:
-            raise ValueError(f"upto: {stop!r}; expected one of {list(_LAYERS)}")
+        stop = upto or self.layers[-1]
+        if stop not in self.layers:
+            raise ValueError(f"upto: {stop!r}; expected one of the built stages {list(self.layers)}")
         if x.ndim != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"x: expected (B, {self.in_channels}, H, W), got shape {tuple(x.shape)}")
         x = self.conv1(x)
-        for name in _LAYERS:
+        for name in self.layers:
             x = getattr(self, name)(x)
             if name == stop:
                 break
@@ -100,7 +112,7 @@ class MASTEncoder(nn.Module):
 
     def channels_at(self, layer: str) -> int:
         """Feature channels after ``layer``."""
-        return self.out_channels if layer == "head" else _CHANNELS[layer]
+        return self.out_channels if layer == self.layers[-1] else _CHANNELS[layer]
 
     def stride_at(self, layer: str) -> int:
         """Output stride after ``layer``."""
