@@ -181,6 +181,38 @@ def test_run_of_another_config_is_refused(tool, tmp_path):
         tool.ensure_trained("corrflow_sample", cfg, run_dir, log=lambda m: None)
 
 
+def test_two_recipes_with_one_name_are_refused(tool, tmp_path):
+    copy = tmp_path / "crw_copy.yaml"
+    copy.write_text((ROOT / "configs" / "crw_sample.yaml").read_text())  # still named crw_sample
+    opts = tool.parse_args(["--recipes", f"crw_sample,{copy}", "--seeds", "0", "--davis-root", str(tmp_path),
+                            "--runs-dir", str(tmp_path / "runs")])
+    with pytest.raises(ConfigError, match="--recipes: two recipes are named 'crw_sample'"):
+        tool.collect(opts, log=lambda m: None)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_recipe_given_as_a_yaml_path_is_labelled_by_its_name(tool, davis_sample, tiny_davis, tmp_path, one_thread):
+    """A variant YAML outside configs/ (here the MAST recipe with its trunk ended at layer3): its runs, result folders
+    and table rows carry the recipe's ``name``, not the path."""
+    variant = tmp_path / "variant.yaml"
+    text = (ROOT / "configs" / "mast_sample.yaml").read_text()
+    variant.write_text(text.replace("  encoder: mast_resnet18\n", "  encoder: mast_resnet18\n  out_layer: layer3\n", 1))
+    out = tmp_path / "out"
+    argv = ["--recipes", str(variant), "--steps", "1", "--seeds", "0", "--presets", "crw", "--baselines", "random",
+            "--sequences", TINY_SEQUENCE, "--short-side", str(TINY_SHORT_SIDE), "--davis-root", str(tiny_davis),
+            "--train-set", f"data.root={davis_sample}", "--train-set", "train.batch_size=2",
+            "--train-set", "data.num_workers=0", "--runs-dir", str(tmp_path / "runs"), "--out", str(out),
+            "--set", TINY_CONTEXT[0]]
+    assert tool.main(argv) == 0
+    evidence = json.loads((out / "evidence.json").read_text())
+    assert {(r["recipe"], r["features"]) for r in evidence["rows"]} == {("mast_sample", "trained"),
+                                                                          ("mast_sample", "random")}
+    assert (tmp_path / "runs" / "mast_sample_s0_steps1" / "config.json").is_file()
+    metrics = json.loads((out / "propagation" / "mast_sample" / "crw" / "trained_s0" / "metrics.json").read_text())
+    assert metrics["hyperparameters"]["layer"] == "layer3" and metrics["extractor"]["channels"] == 256
+    assert list((out / "propagation" / "random" / "crw").glob("mast_resnet18.layer3.*_s0"))  # the tag names the trunk
+
+
 # ------------------------------------------------------------------------------------------------- end to end
 def test_evidence_tool_end_to_end_tiny(tool, davis_sample, tiny_davis, tmp_path, one_thread):
     out, runs = tmp_path / "out", tmp_path / "runs"

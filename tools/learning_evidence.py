@@ -316,7 +316,10 @@ def collect(opts: EvidenceOptions, *, log: Callable[[str], None] = print) -> dic
             if prot.window is not None and cfgs[0].model.encoder != STRIDE4_ENCODER:
                 raise ConfigError(f"--presets: {n} is a window protocol for the stride-4 {STRIDE4_ENCODER} encoder; "
                                   f"{recipe} trains {cfgs[0].model.encoder} (use own or crw/dino)")
-        plans.append((recipe, cfgs, protocols))
+        if any(cfgs[0].name == label for label, _, _ in plans):
+            raise ConfigError(f"--recipes: two recipes are named {cfgs[0].name!r} (their runs and results would "
+                              "share folders)")
+        plans.append((cfgs[0].name, cfgs, protocols))  # the recipe's name labels its folders, a YAML path too
 
     score = Scorer(opts, sequences, log)
     runs: list[TrainedRun] = []
@@ -379,7 +382,7 @@ def _checkpoint_key(ckpt: Path, prot: PropagationConfig) -> dict[str, Any]:
 
 
 def _model_tag(model: Any) -> str:
-    return f"{model.encoder}.{model.eval_layer}.{model.padding_mode}.{model.norm}.{model.colour}"
+    return f"{model.encoder}.{model.out_layer}.{model.eval_layer}.{model.padding_mode}.{model.norm}.{model.colour}"
 
 
 # ------------------------------------------------------------------------------------------------------- output
