@@ -196,7 +196,8 @@ def test_a_recipe_given_as_a_yaml_path_is_labelled_by_its_name(tool, davis_sampl
     and table rows carry the recipe's ``name``, not the path."""
     variant = tmp_path / "variant.yaml"
     text = (ROOT / "configs" / "mast_sample.yaml").read_text()
-    variant.write_text(text.replace("  encoder: mast_resnet18\n", "  encoder: mast_resnet18\n  out_layer: layer3\n", 1))
+    assert "\n  out_layer: layer2" in text
+    variant.write_text(text.replace("\n  out_layer: layer2", "\n  out_layer: layer3", 1))
     out = tmp_path / "out"
     argv = ["--recipes", str(variant), "--steps", "1", "--seeds", "0", "--presets", "crw", "--baselines", "random",
             "--sequences", TINY_SEQUENCE, "--short-side", str(TINY_SHORT_SIDE), "--davis-root", str(tiny_davis),
