@@ -13,9 +13,9 @@ from vidssl.models.encoders import ModelConfig
 
 def _stride4_extractor(encoder: Any, cfg: PropagationConfig, *, colour: str, name: str | None = None
                        ) -> WindowFeatures | EncoderFeatures:
-    """The CorrFlow/MAST encoder's ``head`` features (a truncated trunk's last stage): under the window presets (mast, corrflow) their own reader;
-    under the common top-k presets (crw, dino) the same features at stride 4, fed the colour space it was trained on,
-    so every learner is compared under one protocol."""
+    """The CorrFlow/MAST encoder's ``head`` features (a truncated trunk's last stage): under the window presets
+    (mast, corrflow) their own reader; under the common top-k presets (crw, dino) the same features at stride 4, fed
+    the colour space it was trained on, so every learner is compared under one protocol."""
     window = cfg.window
     if window is None:
         return EncoderFeatures.from_config(encoder, cfg, name=name, layer=encoder.layers[-1], colour=colour)
@@ -47,8 +47,8 @@ def checkpoint_extractor(checkpoint: str | os.PathLike, cfg: PropagationConfig, 
 def model_extractor(encoder: Any, model: ModelConfig, cfg: PropagationConfig, *, name: str, layer: str | None = None
                     ) -> tuple[Any, str, PropagationConfig]:
     """The extractor of a built encoder of ``model`` (a checkpoint's or a random init's): the stride-4 CorrFlow/MAST
-    encoder gives its ``head`` or a truncated trunk's last stage (window presets: their own reader); a ResNet gives ``layer`` (default
-    ``model.eval_layer``). Each is fed the colour space the model trains on (``model.colour``; a ResNet trained on
+    encoder gives its ``head`` or a truncated trunk's last stage (window presets: their own reader); a ResNet gives
+    ``layer`` (default ``model.eval_layer``). Each is fed the colour space the model trains on (``model.colour``; a ResNet trained on
     RGB reads ImageNet-normalised RGB). Returns ``(extractor, layer used, cfg with that layer recorded)``."""
     if model.encoder == "mast_resnet18":
         last = encoder.layers[-1]  # "head", or the stage a truncated trunk ends at
