@@ -267,7 +267,7 @@ def test_evidence_tool_end_to_end_tiny(tool, davis_sample, tiny_davis, tmp_path,
 # ---------------------------------------------------------------------------------------- random-init baseline
 @pytest.mark.parametrize("recipe, colour, layer", [("corrflow_sample", "rgb", "layer2"),
                                                    ("mast_sample", "lab", "layer2"),
-                                                   ("crw_sample", "imagenet", "layer3")])
+                                                   ("crw_sample", "imagenet", "layer2")])
 def test_random_init_baseline_is_the_trained_models_step0_encoder_in_its_colour_space(recipe, colour, layer):
     import torch
 
