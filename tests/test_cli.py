@@ -8,7 +8,7 @@ import pytest
 from vidssl.cli import main
 
 # the demo recipe (configs/mast_demo.yaml) shrunk: MAST on the stride-4 encoder ended at layer2, bf16 autocast
-# where native
+# where the CPU computes bf16 natively
 TINY = ["data.synth_videos=4", "data.synth_frames=6", "data.synth_size=[64, 64]", "data.crop_size=32",
         "data.clips_per_video=1", "train.batch_size=2", "train.steps=2", "train.log_every=1"]
 

@@ -48,8 +48,9 @@ def model_extractor(encoder: Any, model: ModelConfig, cfg: PropagationConfig, *,
                     ) -> tuple[Any, str, PropagationConfig]:
     """The extractor of a built encoder of ``model`` (a checkpoint's or a random init's): the stride-4 CorrFlow/MAST
     encoder gives its ``head`` or a truncated trunk's last stage (window presets: their own reader); a ResNet gives
-    ``layer`` (default ``model.eval_layer``). Each is fed the colour space the model trains on (``model.colour``; a ResNet trained on
-    RGB reads ImageNet-normalised RGB). Returns ``(extractor, layer used, cfg with that layer recorded)``."""
+    ``layer`` (default ``model.eval_layer``). Each is fed the colour space the model trains on (``model.colour``; a
+    ResNet trained on RGB reads ImageNet-normalised RGB). Returns ``(extractor, layer used, cfg with that layer
+    recorded)``."""
     if model.encoder == "mast_resnet18":
         last = encoder.layers[-1]  # "head", or the stage a truncated trunk ends at
         if cfg.window is None:

@@ -154,10 +154,10 @@ class ModelConfig:
     #: the CorrFlow/MAST stride-4 ResNet-18 (vidssl/models/mast_encoder.py; its features are the 64-d ``head``
     #: output; ``out_layer: layer2`` or ``layer3`` instead ends the trunk there, without the head -- ours, a cheaper
     #: encoder for CPU budgets; ``eval_layer``/``stride8`` do not apply); ``r2d3d18``/``r2d3d34``, DPC's 2d3d ResNet
-    #: (blocks or frames, vidssl/models/r2d3d.py); ``gim_resnet50``/``gim_resnet34``, GIM's no-BN pre-activation trunk (stages
-    #: layer1..layer3, vidssl/models/gim.py); ``resnet50v2`` (VIVI/VTAB/BiT's pre-activation ResNet-50 v2) and
-    #: ``resnet18v2``/``resnet34v2`` (vidssl/models/resnet_v2.py; ``out_layer``/``eval_layer``/``stride8`` apply, each
-    #: stage's features BN+ReLU-normalised); plugins add more with :func:`register_encoder`
+    #: (blocks or frames, vidssl/models/r2d3d.py); ``gim_resnet50``/``gim_resnet34``, GIM's no-BN pre-activation
+    #: trunk (stages layer1..layer3, vidssl/models/gim.py); ``resnet50v2`` (VIVI/VTAB/BiT's pre-activation
+    #: ResNet-50 v2) and ``resnet18v2``/``resnet34v2`` (vidssl/models/resnet_v2.py; ``out_layer``/``eval_layer``/
+    #: ``stride8`` apply, each stage's features BN+ReLU-normalised); plugins add more with :func:`register_encoder`
     encoder: str = "resnet18"
     out_layer: Literal["layer1", "layer2", "layer3", "layer4"] = "layer4"  #: last stage used in training
     eval_layer: Literal["layer1", "layer2", "layer3", "layer4"] = "layer3"  #: stage used for label propagation
